@@ -1,0 +1,155 @@
+"""EetqLoraLinear: LoRA adapters on a frozen EETQ int8 linear layer, as a PEFT LoraLayer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import LoraLayer
+
+# Inits that derive A/B from (and rewrite) the float base weight; an int8 base cannot provide that.
+_BASE_WEIGHT_INITS = ("pissa", "corda", "olora", "loftq", "orthogonal", "mica", "lora_ga")
+_SUPPORTED_INITS = 'init_lora_weights=True (Kaiming-uniform A, zero B), "gaussian", or False'
+
+# The constructor's keyword defaults, exactly as the spec gives them.
+_KEYWORD_DEFAULTS = {
+    "lora_dropout": 0.0,
+    "init_lora_weights": True,
+    "use_rslora": False,
+    "use_dora": False,
+    "lora_bias": False,
+}
+
+
+def _refuse_dora(layer_name: str) -> ValueError:
+    return ValueError(f"{layer_name} does not support DoRA, please set use_dora=False")
+
+
+def _config_from_keywords(config: Optional[LoraConfig], r: int, lora_alpha: int, keywords: dict[str, Any]) -> LoraConfig:
+    if config is None:
+        return LoraConfig(r=r, lora_alpha=lora_alpha, **keywords)
+    overridden = sorted(k for k, v in keywords.items() if v != _KEYWORD_DEFAULTS[k])
+    if overridden:
+        raise TypeError(
+            f"EetqLoraLinear got both config= and the keyword(s) {overridden}; set them on the LoraConfig instead"
+        )
+    return config
+
+
+class EetqLoraLinear(torch.nn.Module, LoraLayer):
+    """LoRA on an EETQ int8 linear layer: ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` per active adapter.
+
+    The base layer stays frozen int8; merging into it is refused, and so is DoRA. Accepts
+    either PEFT's ``config=`` form or the keyword form (``r``, ``lora_alpha``, ``lora_dropout``,
+    ``init_lora_weights``, ``use_rslora``, ``use_dora``, ``lora_bias``). The forward also takes
+    PEFT's ``adapter_names`` (one adapter name per sample, ``"__base__"`` for none).
+    """
+
+    def __init__(
+        self,
+        base_layer: torch.nn.Module,
+        adapter_name: str,
+        config: Optional[LoraConfig] = None,
+        r: int = 0,
+        lora_alpha: int = 1,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if use_dora or (config is not None and config.use_dora):
+            raise _refuse_dora(type(self).__name__)
+        config = _config_from_keywords(
+            config,
+            r,
+            lora_alpha,
+            {
+                "lora_dropout": lora_dropout,
+                "init_lora_weights": init_lora_weights,
+                "use_rslora": use_rslora,
+                "use_dora": use_dora,
+                "lora_bias": lora_bias,
+            },
+        )
+
+        super().__init__()
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        # base_layer is the PEFT-wide name; quant_linear_module is kept for backward compatibility.
+        self.quant_linear_module = base_layer
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
+        # Also reached directly by PEFT when a second adapter is added to an already wrapped layer.
+        if config.use_dora:
+            raise _refuse_dora(type(self).__name__)
+        init = config.init_lora_weights
+        if isinstance(init, str) and init.lower().startswith(_BASE_WEIGHT_INITS):
+            raise ValueError(
+                f"init_lora_weights={init!r} needs to read and rewrite the float base weight, but an EETQ base "
+                f"layer is frozen int8. Use {_SUPPORTED_INITS}."
+            )
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def _lora_delta(self, x: torch.Tensor, adapter: str, result_dtype: torch.dtype) -> torch.Tensor:
+        lora_A = self.lora_A[adapter]
+        lora_B = self.lora_B[adapter]
+        dropout = self.lora_dropout[adapter]
+        scaling = self.scaling[adapter]
+        # Under autocast the adapter runs in the autocast dtype; otherwise x follows lora_A's dtype
+        # and the output goes back to the base result's dtype.
+        requires_conversion = not torch.is_autocast_enabled(x.device.type)
+        if requires_conversion:
+            x = self._cast_input_dtype(x, lora_A.weight.dtype)
+        output = lora_B(lora_A(dropout(x)))
+        if requires_conversion:
+            output = output.to(result_dtype)
+        return output * scaling
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        result = self.quant_linear_module(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        if adapter_names is not None:
+            return self._mixed_batch_lora(x, result, adapter_names)
+        for active_adapter in self.active_adapters:
+            if active_adapter not in self.lora_A.keys():
+                continue
+            result = result + self._lora_delta(x, active_adapter, result.dtype)
+        return result
+
+    def _mixed_batch_lora(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        # One base matmul for the whole batch; each adapter only sees its own samples (dim 0).
+        for adapter in dict.fromkeys(adapter_names):
+            if adapter == "__base__" or adapter not in self.lora_A.keys():
+                continue
+            rows = torch.tensor(
+                [i for i, name in enumerate(adapter_names) if name == adapter], device=result.device, dtype=torch.long
+            )
+            delta = self._lora_delta(x.index_select(0, rows), adapter, result.dtype)
+            result = result.index_add(0, rows, delta.to(result.dtype))
+        return result
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The adapter's weight delta ``lora_B @ lora_A * scaling``, shape [out, in], in the adapter's dtype."""
+        weight_A = self.lora_A[adapter].weight
+        weight_B = self.lora_B[adapter].weight
+        dtype = weight_B.dtype
+        # Half-precision matmuls are slow (and less exact) on CPU: compute in fp32, cast back.
+        compute = torch.float32 if weight_B.device.type == "cpu" else dtype
+        return ((weight_B.to(compute) @ weight_A.to(compute)) * self.scaling[adapter]).to(dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise AttributeError("Merging LoRA layers is not supported for Eetq layers.")
+
+    def unmerge(self) -> None:
+        raise AttributeError("Unmerging LoRA layers is not supported for Eetq layers.")
+
+    def __repr__(self) -> str:
+        rep = super().__repr__()
+        return "lora." + rep

@@ -1,0 +1,61 @@
+"""EETQ's per-channel symmetric int8 quantization math (REFERENCE.md section 1)."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _round_half_away_from_zero(x: torch.Tensor) -> torch.Tensor:
+    # C's round(): ties go away from zero (torch.round goes to even). x - trunc(x) is exact
+    # in float32, so this avoids the floor(x + 0.5) trap near 0.49999997.
+    whole = torch.trunc(x)
+    frac = x - whole
+    return whole + torch.sign(x) * (frac.abs() >= 0.5).to(x.dtype)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize an nn.Linear weight [out, in] to EETQ int8.
+
+    Returns ``(q, scales)``: ``q`` is int8 of shape [in, out] (EETQ's orientation, plain
+    row-major layout) and ``scales`` is float16 of shape [out]. For fp16 input the result is
+    bit-identical to EETQ's own quantizer; bf16 and fp32 input use the same math on their
+    float32 values.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"quantize_weight expects a 2-D nn.Linear weight [out, in], got {shape}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"quantize_weight expects a float16, bfloat16 or float32 weight, got {weight.dtype}; "
+            "cast it with weight.float() first"
+        )
+    if weight.numel() == 0:
+        raise ValueError(f"quantize_weight got an empty weight of shape {tuple(weight.shape)}")
+
+    w = weight.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        raise ValueError("quantize_weight got a weight with inf or NaN values; fix the weight before quantizing")
+
+    # Per output channel: absmax over the row n of W (= column n of Wt), times 1/128, in fp32.
+    scales_f32 = w.abs().amax(dim=1) * (1.0 / 128.0)
+    if bool((scales_f32 > torch.finfo(torch.float16).max).any()):
+        raise ValueError("quantize_weight: a channel's absmax/128 overflows float16; the weight is out of EETQ's range")
+
+    # Divide by the fp32 scale (not the fp16-rounded one), round half away from zero, clamp.
+    # An all-zero channel gives 0/0 = NaN; EETQ's clamp order maps NaN to +127.
+    ratio = w / scales_f32[:, None]
+    q = _round_half_away_from_zero(ratio).clamp_(-128.0, 127.0)
+    q = torch.nan_to_num_(q, nan=127.0)
+    return q.to(torch.int8).t().contiguous(), scales_f32.to(torch.float16)
+
+
+def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Dequantize an int8 [in, out] matrix with its [out] scales to a float weight [out, in].
+
+    ``float16`` reproduces EETQ exactly: ``fp16(q) * scale`` rounded once to fp16. Other dtypes
+    get the exact product (an int8 times an fp16 is exact in float32) cast to ``dtype``.
+    """
+    product = q.t().to(torch.float32) * scales.to(torch.float32)[:, None]
+    return product.to(dtype)
