@@ -64,6 +64,13 @@ class EetqLinear(nn.Module):
         return dequantize_weight(self.weight, self.weight_scales, dtype or self.weight_scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and torch.is_floating_point(x):
+            # Like nn.Linear under autocast: run in the autocast dtype, then let the kernel pick
+            # its own compute dtype without autocast rewriting its matmuls.
+            x = x.to(torch.get_autocast_dtype(device_type))
+            with torch.autocast(device_type, enabled=False):
+                return int8_linear(x, self.weight, self.weight_scales, self.bias)
         return int8_linear(x, self.weight, self.weight_scales, self.bias)
 
     def _apply(self, fn, recurse=True):
