@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from ..kernels import int8_linear
+from .layout import DEFAULT_LAYOUT, check_layout, pack_weight, resolve_layout, unpack_weight
 from .quantize import dequantize_weight, quantize_weight
+
+# Each layer's most recent packed checkpoint weight, held weakly: (destination key, memo, tensor ref).
+# PEFT registers one base layer under two names (base_layer and quant_linear_module), so a single
+# state_dict() call reaches the same layer twice; the second visit reuses the first packing.
+_LAST_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[str, tuple, weakref.ref]]" = weakref.WeakKeyDictionary()
 
 
 class EetqLinear(nn.Module):
@@ -16,6 +24,12 @@ class EetqLinear(nn.Module):
     float16 [out_features] (one scale per output channel) and ``bias`` is optional, in
     ``dtype``. The forward accepts float16, bfloat16 or float32 activations with any leading
     dimensions, returns the input's dtype and is differentiable in its input only.
+
+    In memory ``weight`` is the plain row-major matrix. In the state dict it is stored in
+    ``checkpoint_layout`` (``"sm75"`` by default, the layout EETQ writes on T4/A10/A100/RTX 30/40/L4
+    GPUs; ``"sm70"`` for V100 checkpoints; ``"plain"`` for none) and ``load_state_dict`` reads it
+    back from that layout. A layer whose sizes are not both multiples of 64 cannot be held in the
+    EETQ layouts and always uses ``"plain"``, on save and on load.
     """
 
     def __init__(
@@ -25,6 +39,8 @@ class EetqLinear(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float16,
+        *,
+        checkpoint_layout: str = DEFAULT_LAYOUT,
     ) -> None:
         super().__init__()
         if in_features <= 0 or out_features <= 0:
@@ -42,6 +58,7 @@ class EetqLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.checkpoint_layout = checkpoint_layout
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.float16) -> "EetqLinear":
@@ -81,5 +98,95 @@ class EetqLinear(nn.Module):
             self.weight_scales = scales.to(device=self.weight_scales.device)
         return self
 
+    @property
+    def checkpoint_layout(self) -> str:
+        """Layout of ``weight`` in the state dict: ``"sm75"``, ``"sm70"`` or ``"plain"``."""
+        return self.__dict__.get("_checkpoint_layout", DEFAULT_LAYOUT)
+
+    @checkpoint_layout.setter
+    def checkpoint_layout(self, layout: str) -> None:
+        self.__dict__["_checkpoint_layout"] = check_layout(layout)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        weight = self.weight
+        layout = resolve_layout(self.checkpoint_layout, *weight.shape)
+        if layout == "plain" or weight.device.type == "meta":
+            return
+        # Packed even with keep_vars=True: the state dict is the checkpoint format.
+        destination[key] = self._packed_weight(destination, key, layout, prefix)
+
+    def _packed_weight(self, destination, key: str, layout: str, prefix: str) -> torch.Tensor:
+        weight = self.weight
+        memo = (layout, weight.data_ptr(), weight._version)
+        previous = _LAST_PACKED.get(self)
+        if previous is not None:
+            previous_key, previous_memo, previous_ref = previous
+            packed = previous_ref()
+            # Another alias of this layer already put its packed weight into this same state dict.
+            if packed is not None and previous_memo == memo and previous_key != key and destination.get(previous_key) is packed:
+                return packed
+        packed = pack_weight(weight.detach(), layout, name=prefix[:-1] or None)
+        _LAST_PACKED[self] = (key, memo, weakref.ref(packed))
+        return packed
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        weight_key, scales_key = prefix + "weight", prefix + "weight_scales"
+        weight, scales = state_dict.get(weight_key), state_dict.get(scales_key)
+        if (weight is None) != (scales is None):
+            present, absent = (weight_key, scales_key) if scales is None else (scales_key, weight_key)
+            error_msgs.append(
+                f"{absent!r} is missing but {present!r} is present: an EETQ int8 weight and its per-channel "
+                "scales only load together; save both, or leave both out with strict=False"
+            )
+            return
+        if weight is not None:
+            problems = self._checkpoint_problems(weight_key, weight, scales_key, scales)
+            if problems:
+                error_msgs.extend(problems)
+                return
+            if weight.device.type != "meta":
+                layout = resolve_layout(self.checkpoint_layout, *weight.shape)
+                # Module.load_state_dict hands modules its own shallow copy of the caller's dict,
+                # so replacing the entry here leaves the caller's tensors untouched.
+                state_dict[weight_key] = unpack_weight(weight, layout, name=prefix[:-1] or None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _checkpoint_problems(self, weight_key: str, weight, scales_key: str, scales) -> list[str]:
+        problems = []
+        expected_shape = (self.in_features, self.out_features)
+        if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or tuple(weight.shape) != expected_shape:
+            message = (
+                f"{weight_key!r}: expected an int8 tensor of shape [in_features, out_features] = "
+                f"{list(expected_shape)} (EETQ's orientation), got {_describe(weight)}"
+            )
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+                message += "; a float nn.Linear weight must be quantized first (EetqLinear.from_linear or quantize_model)"
+            elif isinstance(weight, torch.Tensor) and tuple(weight.shape) == expected_shape[::-1]:
+                message += "; it looks transposed ([out, in] is nn.Linear's orientation)"
+            problems.append(message)
+        if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float16 or tuple(scales.shape) != (self.out_features,):
+            problems.append(
+                f"{scales_key!r}: expected a float16 tensor of shape [out_features] = [{self.out_features}], "
+                f"got {_describe(scales)}"
+            )
+        return problems
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} of shape {list(value.shape)}"
+    return type(value).__name__
+
+
+def set_checkpoint_layout(model: nn.Module, layout: str) -> int:
+    """Set ``checkpoint_layout`` on every EetqLinear in ``model`` (itself included); returns how many."""
+    check_layout(layout)
+    layers = [module for module in model.modules() if isinstance(module, EetqLinear)]
+    for layer in layers:
+        layer.checkpoint_layout = layout
+    return len(layers)
