@@ -32,3 +32,15 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 def token_batch(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=generator)
+
+
+def dequantized_twin(quantized: torch.nn.Module, seed: int = 0) -> LlamaForCausalLM:
+    """A float tiny Llama whose linear weights are the dequantized weights of ``quantized``'s EETQ layers."""
+    from eetq_lora import EetqLinear
+
+    twin = tiny_llama(seed=seed)
+    for name, module in quantized.named_modules():
+        if isinstance(module, EetqLinear):
+            float_name = name.removesuffix(".base_layer").removesuffix(".quant_linear_module")
+            twin.get_submodule(float_name).weight.data = module.dequantize(torch.float32)
+    return twin

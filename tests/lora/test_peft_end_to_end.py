@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import eetq_lora
 from eetq_lora import EetqLinear, EetqLoraLinear
-from tests.helpers import tiny_llama, token_batch
+from tests.helpers import dequantized_twin, tiny_llama, token_batch
 
 
 def train(model, ids, steps=20, lr=1e-2):
@@ -96,11 +96,7 @@ def test_plain_peft_on_the_float_model_differs_only_by_quantization_error(traine
     peft_model, _, path, ids = trained
     float_base = PeftModel.from_pretrained(tiny_llama(seed=0), path)
     # Same adapter on the dequantized weights: the only difference left is float rounding.
-    dequantized = tiny_llama(seed=0)
-    for name, module in peft_model.get_base_model().named_modules():
-        if isinstance(module, EetqLinear):
-            float_name = name.removesuffix(".base_layer").removesuffix(".quant_linear_module")
-            dequantized.get_submodule(float_name).weight.data = module.dequantize(torch.float32)
+    dequantized = dequantized_twin(peft_model.get_base_model())
     dequantized_peft = PeftModel.from_pretrained(dequantized, path)
     with torch.no_grad():
         ours = peft_model(input_ids=ids).logits

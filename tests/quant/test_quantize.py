@@ -45,9 +45,7 @@ def test_hand_computed_rows():
     # Row 0: absmax 1 -> scale 1/128; +1 -> 128 clipped to 127, -1 -> -128, 0.5 -> 64.
     # Row 1: absmax 128 -> scale 1; 2.5 and -2.5 round away from zero (C round, not banker's).
     # Row 2: all zeros -> 0/0 = NaN -> 127, scale 0 (dequantizes to 0).
-    weight = torch.tensor(
-        [[1.0, -1.0, 0.5, 0.0], [128.0, 2.5, -2.5, 0.5], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float16
-    )
+    weight = torch.tensor([[1.0, -1.0, 0.5, 0.0], [128.0, 2.5, -2.5, 0.5], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float16)
     q, scales = quantize_weight(weight)
     assert q.t().tolist() == [[127, -128, 64, 0], [127, 3, -3, 1], [127, 127, 127, 127]]
     assert scales.tolist() == [1.0 / 128.0, 1.0, 0.0]

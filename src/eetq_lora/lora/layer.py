@@ -26,7 +26,9 @@ def _refuse_dora(layer_name: str) -> ValueError:
     return ValueError(f"{layer_name} does not support DoRA, please set use_dora=False")
 
 
-def _config_from_keywords(config: Optional[LoraConfig], r: int, lora_alpha: int, keywords: dict[str, Any]) -> LoraConfig:
+def _config_from_keywords(
+    config: Optional[LoraConfig], r: int, lora_alpha: int, keywords: dict[str, Any]
+) -> LoraConfig:
     if config is None:
         return LoraConfig(r=r, lora_alpha=lora_alpha, **keywords)
     overridden = sorted(k for k, v in keywords.items() if v != _KEYWORD_DEFAULTS[k])

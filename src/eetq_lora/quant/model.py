@@ -38,9 +38,7 @@ def quantize_model(model: nn.Module, modules_to_not_convert: Iterable[str] = ("l
     """
     skips = tuple(modules_to_not_convert or ())
     names = [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and not is_skipped(name, skips)
+        name for name, module in model.named_modules() if type(module) is nn.Linear and not is_skipped(name, skips)
     ]
     bytes_before = bytes_after = 0
     for name in names:
@@ -49,6 +47,8 @@ def quantize_model(model: nn.Module, modules_to_not_convert: Iterable[str] = ("l
         quantized = EetqLinear.from_linear(linear)
         bytes_after += _tensor_bytes(quantized)
         model.set_submodule(name, quantized)
+    # The marker transformers' own quantizers set; PEFT's prepare_model_for_kbit_training reads it.
+    model.quantization_method = "eetq"
     logger.info(
         "eetq_lora: converted %d linear layers to EETQ int8, %.1f MiB -> %.1f MiB (saved %.1f MiB)",
         len(names),
