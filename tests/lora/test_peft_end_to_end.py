@@ -157,3 +157,13 @@ def test_second_adapter_on_other_modules_and_loading_into_a_peft_model(tmp_path)
 def test_load_adapter_from_a_folder_without_adapter_files_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         eetq_lora.load_adapter(eetq_lora.quantize_model(tiny_llama()), tmp_path)
+
+
+def test_all_linear_second_adapter_on_a_peft_model_targets_the_same_layers():
+    model = eetq_lora.get_peft_model(
+        eetq_lora.quantize_model(tiny_llama()), LoraConfig(r=4, target_modules="all-linear")
+    )
+    eetq_lora.add_adapter(model, "second", LoraConfig(r=2, target_modules="all-linear"))
+    assert set(model.peft_config["second"].target_modules) == set(model.peft_config["default"].target_modules)
+    layers = [m for m in model.modules() if isinstance(m, EetqLoraLinear)]
+    assert len(layers) == 14 and all(set(m.lora_A) == {"default", "second"} for m in layers)

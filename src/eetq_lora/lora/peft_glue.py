@@ -9,6 +9,7 @@ from typing import Any
 import peft
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .._compat import eetq_layer_classes
 from ..quant.model import is_skipped
@@ -29,11 +30,18 @@ def register_eetq(config: LoraConfig) -> LoraConfig:
 
 def _linear_module_names(model: torch.nn.Module) -> set[str]:
     # PEFT's own "all-linear" only sees nn.Linear/Conv1D; we add EETQ layers and keep its rule of
-    # leaving out the output head.
+    # leaving out the output head. A layer PEFT already wrapped counts under its own name, and
+    # the adapters inside it (lora_A, lora_B, base_layer) are not targets.
     linear_types = (torch.nn.Linear, *eetq_layer_classes())
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = set()
+    names: set[str] = set()
+    inside_tuner: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside_tuner):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            inside_tuner.append(name + ".")
+            module = module.get_base_layer()
         if not isinstance(module, linear_types) or module is output_head or is_skipped(name, ("lm_head",)):
             continue
         names.add(name.rsplit(".", 1)[-1])
