@@ -1,8 +1,16 @@
-"""eetq-lora: LoRA fine-tuning of EETQ int8 weight-only quantized models, on any device."""
+"""eetq-lora: LoRA fine-tuning of EETQ int8 weight-only quantized models, on any device.
+
+Importing this package registers its EETQ quantizer with transformers (``enable_transformers``), so
+``from_pretrained`` loads and ``save_pretrained`` writes ``quant_method: "eetq"`` checkpoints on
+any device; ``disable_transformers()`` restores transformers' own (CUDA-only) quantizer.
+"""
 
 from ._compat import is_eetq_available
+from .integrations import disable_transformers, enable_transformers, mark_eetq_quantized
 from .lora import EetqLoraLinear, add_adapter, dispatch_eetq, get_peft_model, load_adapter, register_eetq
-from .quant import EetqLinear, dequantize_weight, quantize_model, quantize_weight
+from .quant import EetqLinear, dequantize_weight, quantize_model, quantize_weight, set_checkpoint_layout
+
+enable_transformers()
 
 __version__ = "0.1.0"
 
@@ -11,11 +19,15 @@ __all__ = [
     "EetqLoraLinear",
     "add_adapter",
     "dequantize_weight",
+    "disable_transformers",
     "dispatch_eetq",
+    "enable_transformers",
     "get_peft_model",
     "is_eetq_available",
     "load_adapter",
+    "mark_eetq_quantized",
     "quantize_model",
     "quantize_weight",
     "register_eetq",
+    "set_checkpoint_layout",
 ]
