@@ -74,9 +74,8 @@ def bench_mixed_adapters(layers: int, repeats: int, adapters: int, batch: int, l
     print(f"\nmixed-adapter serving, {layers} layers, batch {batch} x {length} tokens, r=16 all-linear")
     print(f"  base only               {base * 1e3:8.1f} ms   ratio 1.00")
     print(f"  one adapter             {one * 1e3:8.1f} ms   ratio {one / base:.2f}")
-    print(
-        f"  {adapters} adapters mixed       {mixed * 1e3:8.1f} ms   ratio {mixed / base:.2f}  ({mixed / one:.2f}x one adapter)"
-    )
+    label = f"{adapters} adapters mixed"
+    print(f"  {label:24}{mixed * 1e3:8.1f} ms   ratio {mixed / base:.2f}  ({mixed / one:.2f}x one adapter)")
 
 
 def bench_compile(layers: int, repeats: int, batch: int, length: int) -> None:
@@ -90,9 +89,8 @@ def bench_compile(layers: int, repeats: int, batch: int, length: int) -> None:
         if mode == "compiled":
             forward = torch.compile(forward)
 
-        def step():
-            loss = forward(input_ids=ids, labels=ids).loss
-            loss.backward()
+        def step(forward=forward):
+            forward(input_ids=ids, labels=ids).loss.backward()
 
         step()  # compile (or warm up) outside the timing
         timings[mode] = median_seconds(step, repeats)
