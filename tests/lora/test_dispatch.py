@@ -76,3 +76,10 @@ def test_forward_through_dispatched_layer_matches_base_plus_lora():
     x = torch.randn(3, 32)
     lora = new.lora_B["default"](new.lora_A["default"](x)) * new.scaling["default"]
     torch.testing.assert_close(new(x), new.base_layer(x).float() + lora)
+
+
+def test_weight_is_referenced_directly_with_no_separate_qweight():
+    target = eetq_layer()
+    new = dispatch_eetq(target, "default", r=4)
+    assert not hasattr(target, "qweight") and not hasattr(new, "qweight")
+    assert new.weight.dtype == torch.int8

@@ -167,3 +167,20 @@ def test_all_linear_second_adapter_on_a_peft_model_targets_the_same_layers():
     assert set(model.peft_config["second"].target_modules) == set(model.peft_config["default"].target_modules)
     layers = [m for m in model.modules() if isinstance(m, EetqLoraLinear)]
     assert len(layers) == 14 and all(set(m.lora_A) == {"default", "second"} for m in layers)
+
+
+def test_training_leaves_the_int8_base_bit_identical():
+    model = eetq_lora.quantize_model(tiny_llama())
+    before = {
+        name: (m.weight.clone(), m.weight_scales.clone())
+        for name, m in model.named_modules()
+        if isinstance(m, EetqLinear)
+    }
+    peft_model = eetq_lora.get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    train(peft_model, token_batch(), steps=3)
+    after = peft_model.get_base_model()
+    for name, module in after.named_modules():
+        if isinstance(module, EetqLoraLinear):
+            base = module.get_base_layer()
+            assert torch.equal(base.weight, before[name][0]) and torch.equal(base.weight_scales, before[name][1])
+            assert base.weight.dtype == torch.int8
