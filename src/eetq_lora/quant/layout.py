@@ -9,7 +9,7 @@ the CUTLASS kernel of the GPU generation that wrote it. Three layouts are known 
 - ``"plain"``: the row-major matrix itself, as this package keeps it in memory.
 
 The EETQ layouts need both dimensions to be multiples of 64. ``pack_weight`` and
-``unpack_weight`` convert exactly, with a handful of tensor-wide index operations, on any device.
+``unpack_weight`` convert exactly, with one permuted copy of the tensor, on any device.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ DEFAULT_LAYOUT = "sm75"
 METADATA_KEY = "eetq_layout"
 
 _TILE = 64
-# Step 1 of the sm75 layout: output row base+t of a 16-row block takes input row base+_ROW_PERM[t].
-_ROW_PERM = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)
-# Step 4: inside every 4-byte group the bytes at positions 1 and 2 trade places.
-_BYTE_SWAP = (0, 2, 1, 3)
-# Steps 1 and 4 both permute within aligned 16-element runs of k, so they fold into one table:
-# stored byte t of a run holds input row _SM75_RUN[t] of that run.
-_SM75_RUN = tuple(_ROW_PERM[4 * (t // 4) + _BYTE_SWAP[t % 4]] for t in range(16))
-_SM75_RUN_INVERSE = tuple(sorted(range(16), key=_SM75_RUN.__getitem__))
+# Both layouts are a reordering of axes of Q followed by the +128 byte bias, so each is one
+# reshape, one permute and one copy. Axis names: k = 64a + 16b + 8h + i, n = 2c + j.
+# - sm75 steps 1 and 4 together interleave rows i and 8 + i of every 16-row run (byte 2i + h of a
+#   run holds row 8h + i); steps 2 and 3 put (c, a, j) outermost: stored order (c, a, j, b, i, h).
+# - sm70 step 4 alone swaps bytes 1 and 2 of every 4, i.e. transposes each group viewed as 2 x 2.
+_SM75_AXES = (4, 0, 5, 1, 3, 2)  # (a, b, h, i, c, j) -> (c, a, j, b, i, h)
+_SM75_INVERSE_AXES = (1, 3, 5, 4, 0, 2)  # (c, a, j, b, i, h) -> (a, b, h, i, c, j)
 
 
 def check_layout(layout: str) -> str:
@@ -66,19 +65,10 @@ def _check_matrix(tensor: torch.Tensor, layout: str, name: str | None, what: str
         )
 
 
-def _flip_sign_bit(tensor: torch.Tensor) -> torch.Tensor:
+def _biased_copy(view: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     # uint8(q + 128) == q XOR 0x80 bytewise, and the int8 view of those bytes is q XOR -128.
-    return torch.bitwise_xor(tensor, -128)
-
-
-def _swap_middle_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    groups = tensor.reshape(-1, 4)
-    swap = torch.tensor(_BYTE_SWAP, device=tensor.device)
-    return groups.index_select(1, swap).reshape(tensor.shape)
-
-
-def _run_index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+    # clone (not contiguous()) so the in-place XOR can never reach the caller's tensor.
+    return view.clone(memory_format=torch.contiguous_format).bitwise_xor_(-128).reshape(shape)
 
 
 def pack_weight(q: torch.Tensor, layout: str = DEFAULT_LAYOUT, name: str | None = None) -> torch.Tensor:
@@ -92,14 +82,10 @@ def pack_weight(q: torch.Tensor, layout: str = DEFAULT_LAYOUT, name: str | None 
     if layout == "plain":
         return q
     if layout == "sm70":
-        return _swap_middle_bytes(_flip_sign_bit(q))
+        return _biased_copy(q.reshape(-1, 2, 2).transpose(1, 2), q.shape)
     k, n = q.shape
-    # Input index (tile a, run b, t, super-column c, column-in-pair j) of Q[64a + 16b + t, 2c + j];
-    # the stored flat offset is c*2K + a*128 + j*64 + 16b + t.
-    runs = q.reshape(k // _TILE, _TILE // 16, 16, n // 2, 2)
-    runs = runs.index_select(2, _run_index(_SM75_RUN, q.device))
-    stored = runs.permute(3, 0, 4, 1, 2).contiguous()
-    return _flip_sign_bit(stored).reshape(k, n)
+    axes = q.reshape(k // _TILE, 4, 2, 8, n // 2, 2)
+    return _biased_copy(axes.permute(_SM75_AXES), q.shape)
 
 
 def unpack_weight(stored: torch.Tensor, layout: str = DEFAULT_LAYOUT, name: str | None = None) -> torch.Tensor:
@@ -111,8 +97,7 @@ def unpack_weight(stored: torch.Tensor, layout: str = DEFAULT_LAYOUT, name: str 
     if layout == "plain":
         return stored
     if layout == "sm70":
-        return _flip_sign_bit(_swap_middle_bytes(stored))
+        return _biased_copy(stored.reshape(-1, 2, 2).transpose(1, 2), stored.shape)
     k, n = stored.shape
-    tiles = _flip_sign_bit(stored).reshape(n // 2, k // _TILE, 2, _TILE // 16, 16)
-    runs = tiles.permute(1, 3, 4, 0, 2).index_select(2, _run_index(_SM75_RUN_INVERSE, stored.device))
-    return runs.reshape(k, n)
+    axes = stored.reshape(n // 2, k // _TILE, 2, 4, 8, 2)
+    return _biased_copy(axes.permute(_SM75_INVERSE_AXES), stored.shape)
