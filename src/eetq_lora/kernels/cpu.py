@@ -1,0 +1,157 @@
+"""CPU paths of the int8 weight-only matmul (the dispatcher in ``__init__`` picks one).
+
+- ``stream_*``: few rows (decoding, small batches). One pass over the int8 weight with the
+  compiled kernels, accumulating in float32 from exact inputs; memory-bound, so the precision
+  costs nothing.
+- ``tiled_*``: many rows. A tile of the weight at a time is dequantized into a reused buffer of
+  the compute dtype and fed to that dtype's GEMM; no full dequantized weight is ever built or kept.
+- ``int8pack_forward``: torch's ``_weight_int8pack_mm``, used for bfloat16 with few rows only
+  where the compiled kernels are unavailable.
+
+Every function takes the int8 weight as ``EetqLinear`` holds it: ``qweight`` [in, out] (any
+strides) with float16 ``scales`` [out], and 2-D activations.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from . import native
+
+# Largest dequantized tile; a few MiB keeps the tile cache-resident between dequantize and GEMM.
+TILE_BYTES = 8 << 20
+_TILE_ALIGN = 64
+
+_workspaces = threading.local()
+
+
+def _is_row_major(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 or t.shape[1] <= 1
+
+
+def weight_rows(qweight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A view of the int8 weight whose columns are adjacent in memory, and whether its rows are outputs.
+
+    Returns ``(W, True)`` with ``W = qweight.t()`` [out, in] when that is row-major (how
+    ``EetqLinear`` keeps it), else ``(qweight, False)`` when ``qweight`` [in, out] itself is, else
+    a row-major copy of ``W`` (only for exotic strides).
+    """
+    w = qweight.t()
+    if _is_row_major(w):
+        return w, True
+    if _is_row_major(qweight):
+        return qweight, False
+    return w.contiguous(), True
+
+
+def _float32_rows(a: torch.Tensor) -> torch.Tensor:
+    a = a.to(torch.float32)
+    return a if _is_row_major(a) else a.contiguous()
+
+
+def stream_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x [M, in] @ Wt`` in float32 with the compiled streaming kernels."""
+    q, rows_are_outputs = weight_rows(qweight)
+    a, s = _float32_rows(x), scales.to(torch.float32).contiguous()
+    return native.rowdot(a, q, s, None) if rows_are_outputs else native.rowaxpy(a, q, None, s)
+
+
+def stream_grad_input(grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``grad [M, out] @ W`` in float32 with the compiled streaming kernels."""
+    q, rows_are_outputs = weight_rows(qweight)
+    g, s = _float32_rows(grad), scales.to(torch.float32).contiguous()
+    return native.rowaxpy(g, q, s, None) if rows_are_outputs else native.rowdot(g, q, None, s)
+
+
+def _workspace(dtype: torch.dtype, numel: int, slot: str = "tile") -> torch.Tensor:
+    # Reused across calls (fresh multi-MiB allocations cost page faults every time), one per thread.
+    cache = getattr(_workspaces, "buffers", None)
+    if cache is None:
+        cache = _workspaces.buffers = {}
+    buffer = cache.get((slot, dtype))
+    if buffer is None or buffer.numel() < numel:
+        cache[(slot, dtype)] = buffer = None  # let the smaller buffer go before the bigger one is allocated
+        buffer = cache[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
+
+
+def release_workspaces() -> None:
+    """Free this thread's reusable dequantization buffers."""
+    _workspaces.buffers = {}
+
+
+def _dequantize_tile(
+    q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``q * row_scale[:, None] * col_scale[None, :]`` rounded once to ``dtype``, in the reused buffer."""
+    out = _workspace(dtype, q.numel()).view(q.shape)
+    if native.is_available():
+        native.dequantize_into(out, q, row_scale, col_scale)
+        return out
+    # An int8 times an fp16 scale is exact in float32, so staging there keeps the single rounding.
+    staging = out if dtype == torch.float32 else _workspace(torch.float32, q.numel(), "staging").view(q.shape)
+    staging.copy_(q)
+    if row_scale is not None:
+        staging.mul_(row_scale[:, None])
+    if col_scale is not None:
+        staging.mul_(col_scale)
+    if staging is not out:
+        out.copy_(staging)
+    return out
+
+
+def _tile_size(total: int, other: int, dtype: torch.dtype) -> int:
+    rows = TILE_BYTES // max(1, other * dtype.itemsize)
+    rows = max(_TILE_ALIGN, rows - rows % _TILE_ALIGN)
+    return min(total, rows)
+
+
+def tiled_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x [M, in] @ Wt`` as ``dtype`` GEMMs on dequantized tiles of output channels."""
+    q, rows_are_outputs = weight_rows(qweight)
+    in_features, out_features = qweight.shape
+    s = scales.to(torch.float32).contiguous()
+    with torch.no_grad():
+        a = x.to(dtype)
+        out = torch.empty(x.shape[0], out_features, dtype=dtype)
+        step = _tile_size(out_features, in_features, dtype)
+        for n0 in range(0, out_features, step):
+            n1 = min(out_features, n0 + step)
+            if rows_are_outputs:
+                tile = _dequantize_tile(q[n0:n1], s[n0:n1], None, dtype).t()
+            else:
+                tile = _dequantize_tile(q[:, n0:n1], None, s[n0:n1], dtype)
+            torch.mm(a, tile, out=out[:, n0:n1])
+    return out
+
+
+def tiled_grad_input(grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad [M, out] @ W`` as ``dtype`` GEMMs on dequantized tiles of input channels."""
+    q, rows_are_outputs = weight_rows(qweight)
+    in_features, out_features = qweight.shape
+    s = scales.to(torch.float32).contiguous()
+    with torch.no_grad():
+        g = grad.to(dtype)
+        out = torch.empty(grad.shape[0], in_features, dtype=dtype)
+        step = _tile_size(in_features, out_features, dtype)
+        for k0 in range(0, in_features, step):
+            k1 = min(in_features, k0 + step)
+            if rows_are_outputs:
+                tile = _dequantize_tile(q[:, k0:k1], s, None, dtype)
+            else:
+                tile = _dequantize_tile(q[k0:k1], None, s, dtype).t()
+            torch.mm(g, tile, out=out[:, k0:k1])
+    return out
+
+
+def int8pack_supported(qweight: torch.Tensor) -> bool:
+    """Whether ``int8pack_forward`` takes this weight: torch has the op and W [out, in] is contiguous."""
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm") and qweight.t().is_contiguous()
+
+
+def int8pack_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x [M, in] @ Wt`` in bfloat16 with ``torch.ops.aten._weight_int8pack_mm`` (scales rounded to bfloat16)."""
+    a = x.to(torch.bfloat16).contiguous()
+    return torch.ops.aten._weight_int8pack_mm(a, qweight.t(), scales.to(torch.bfloat16))

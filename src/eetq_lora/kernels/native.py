@@ -1,0 +1,226 @@
+"""Compile the CPU kernels on first use and call them through ctypes.
+
+The C source (``_cpu_source.py``) is built once per machine with the system C compiler (``$CC``,
+else ``cc``, ``gcc`` or ``clang``), tuned for the host CPU (``-march=native``) and parallel with
+OpenMP, and cached under ``$EETQ_LORA_CACHE_DIR`` (default ``~/.cache/eetq_lora``) keyed by the
+source, the compiler and the CPU. Where no compiler works the kernels report unavailable, with
+one warning, and the dispatcher uses pure-torch paths. ``EETQ_LORA_NATIVE=0`` turns them off
+without a warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ._cpu_source import ABI_VERSION, SOURCE
+
+# Tried in order until one compiles: the host-tuned OpenMP build first, then weaker ones.
+_FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-mcpu=native", "-fopenmp"),
+    ("-O3", "-fopenmp"),
+    ("-O3", "-march=native"),
+    ("-O3",),
+)
+_COMMON_FLAGS = ("-shared", "-fPIC", "-std=gnu11")
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+_SIGNATURES = {
+    "eetq_abi_version": ([], _INT),
+    "eetq_has_openmp": ([], _INT),
+    "eetq_rowdot": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT], _INT),
+    "eetq_rowaxpy": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT], _INT),
+    "eetq_dequant": ([_P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT, _INT], None),
+}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _find_compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_identity() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.startswith(("flags", "model name", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    configured = os.environ.get("EETQ_LORA_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "eetq_lora"
+
+
+def _writable_cache_dir() -> Path:
+    for candidate in (cache_dir(), Path(tempfile.gettempdir()) / f"eetq_lora-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            if os.access(candidate, os.W_OK):
+                return candidate
+        except OSError:
+            continue
+    raise OSError("no writable cache directory for eetq_lora's compiled kernels")
+
+
+def _build(compiler: str) -> tuple[Path, str]:
+    """Compile (or reuse) the kernel library; returns its path and the build log of failed attempts."""
+    identity = "\0".join((SOURCE, compiler, _compiler_version(compiler), _cpu_identity(), platform.machine()))
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    directory = _writable_cache_dir()
+    target = directory / f"eetq_cpu_{digest}.so"
+    if target.exists():
+        return target, ""
+    source = directory / f"eetq_cpu_{digest}.c"
+    source.write_text(SOURCE)
+    log = []
+    for flags in _FLAG_SETS:
+        # A private output name, then an atomic rename: concurrent first uses never see half a file.
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
+        command = [compiler, *flags, *_COMMON_FLAGS, str(source), "-o", partial]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as error:
+            result = None
+            log.append(f"{' '.join(command)}: {error}")
+        if result is not None and result.returncode == 0:
+            os.replace(partial, target)
+            return target, "\n".join(log)
+        if result is not None:
+            log.append(f"{' '.join(command)}:\n{result.stderr.strip()}")
+        os.unlink(partial)
+    raise RuntimeError("\n".join(log))
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("EETQ_LORA_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        _state["reason"] = "disabled by EETQ_LORA_NATIVE=0"
+        return None
+    compiler = _find_compiler()
+    if compiler is None:
+        _state["reason"] = "no C compiler found (set CC or install gcc)"
+        _warn(_state["reason"])
+        return None
+    try:
+        path, _ = _build(compiler)
+        library = ctypes.CDLL(str(path))
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes = argtypes
+            function.restype = restype
+        if library.eetq_abi_version() != ABI_VERSION:
+            raise RuntimeError(f"kernel library {path} has ABI {library.eetq_abi_version()}, expected {ABI_VERSION}")
+    except Exception as error:  # noqa: BLE001 - any build or load failure means "use the torch paths"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _state["reason"] = f"building the CPU kernels failed ({first_line})"
+        _state["log"] = str(error)
+        _warn(_state["reason"])
+        return None
+    _state["path"] = str(path)
+    return library
+
+
+def _warn(reason: str) -> None:
+    warnings.warn(f"eetq_lora: {reason}; CPU int8 matmuls fall back to slower pure-torch paths", RuntimeWarning, stacklevel=3)
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, building it on the first call; ``None`` where it cannot be had."""
+    if "library" not in _state:
+        with _lock:
+            if "library" not in _state:
+                _state["library"] = _load()
+    return _state["library"]  # type: ignore[return-value]
+
+
+def is_available() -> bool:
+    """Whether the compiled CPU kernels can be used (builds them on first call)."""
+    return library() is not None
+
+
+def status() -> dict[str, object]:
+    """What happened when loading: ``available``, and ``path`` or ``reason`` (plus the build ``log``)."""
+    library()
+    return {"available": _state.get("library") is not None, **{k: v for k, v in _state.items() if k != "library"}}
+
+
+def _reset_for_tests() -> None:
+    with _lock:
+        _state.clear()
+
+
+# The wrappers below trust their callers (kernels/cpu.py): CPU tensors, float32 activations and
+# scales, and 2-D operands whose columns are adjacent in memory (unit column stride).
+
+
+def _ptr(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def rowdot(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None) -> torch.Tensor:
+    """``a [M, C] @ dequant(q [R, C])^T`` in float32: ``out[m, r] = row_scale[r] * sum_c a[m, c] col_scale[c] q[r, c]``."""
+    lib = library()
+    m, r, c = a.shape[0], q.shape[0], q.shape[1]
+    out = torch.empty(m, r, dtype=torch.float32)
+    status_code = lib.eetq_rowdot(
+        a.data_ptr(), m, a.stride(0), q.data_ptr(), r, c, q.stride(0),
+        _ptr(row_scale), _ptr(col_scale), out.data_ptr(), r, torch.get_num_threads(),
+    )
+    if status_code != 0:
+        raise MemoryError("eetq_lora: the CPU rowdot kernel could not allocate its workspace")
+    return out
+
+
+def rowaxpy(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None) -> torch.Tensor:
+    """``a [M, R] @ dequant(q [R, C])`` in float32: ``out[m, c] = col_scale[c] * sum_r a[m, r] row_scale[r] q[r, c]``."""
+    lib = library()
+    m, r, c = a.shape[0], q.shape[0], q.shape[1]
+    out = torch.empty(m, c, dtype=torch.float32)
+    status_code = lib.eetq_rowaxpy(
+        a.data_ptr(), m, a.stride(0), q.data_ptr(), r, c, q.stride(0),
+        _ptr(row_scale), _ptr(col_scale), out.data_ptr(), c, torch.get_num_threads(),
+    )
+    if status_code != 0:
+        raise MemoryError("eetq_lora: the CPU rowaxpy kernel could not allocate its workspace")
+    return out
+
+
+def dequantize_into(out: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None) -> None:
+    """``out[r, c] = q[r, c] * row_scale[r] * col_scale[c]``, rounded once into ``out`` (float32 or bfloat16)."""
+    lib = library()
+    r, c = q.shape
+    lib.eetq_dequant(
+        q.data_ptr(), q.stride(0), r, c, _ptr(row_scale), _ptr(col_scale),
+        out.data_ptr(), out.stride(0), int(out.dtype == torch.bfloat16), torch.get_num_threads(),
+    )

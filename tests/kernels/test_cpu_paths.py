@@ -1,0 +1,130 @@
+"""Each CPU path of the int8 matmul against the float64 reference, on both weight layouts."""
+
+import pytest
+import torch
+
+from eetq_lora import dequantize_weight
+from eetq_lora.kernels import cpu, native, reference
+from tests.kernels.helpers import SHAPES, float64_forward, float64_grad_input, int8_weight, relative_error
+
+ROWS = [0, 1, 2, 3, 5, 8, 17, 40]
+LAYOUTS = ["in_out", "out_in"]
+# Error budget against float64, relative to the largest output: float32 accumulation, or
+# bfloat16 rounding of the activation, the dequantized weight and the result.
+EXACT = 1e-5
+BF16 = 1.6e-2
+
+needs_native = pytest.mark.skipif(not native.is_available(), reason=f"no compiled kernels: {native.status().get('reason')}")
+
+
+@needs_native
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_stream_kernels_match_float64(shape, layout, rows, dtype):
+    qweight, scales = int8_weight(*shape, layout)
+    x = torch.randn(rows, shape[0]).to(dtype)
+    grad = torch.randn(rows, shape[1]).to(dtype)
+    y = cpu.stream_forward(x, qweight, scales)
+    dx = cpu.stream_grad_input(grad, qweight, scales)
+    # float32 accumulation from exact inputs, whatever the activation dtype.
+    assert y.dtype == dx.dtype == torch.float32
+    assert relative_error(y, float64_forward(x, qweight, scales)) < EXACT
+    assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < EXACT
+
+
+@needs_native
+def test_stream_kernels_read_strided_activations():
+    qweight, scales = int8_weight(100, 37)
+    x = torch.randn(6, 300)[::2, 50:150]
+    grad = torch.randn(37, 6).t()
+    assert relative_error(cpu.stream_forward(x, qweight, scales), float64_forward(x, qweight, scales)) < EXACT
+    assert relative_error(cpu.stream_grad_input(grad, qweight, scales), float64_grad_input(grad, qweight, scales)) < EXACT
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rows", [0, 1, 17, 70])
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tile_bytes", [cpu.TILE_BYTES, 4096])
+def test_tiled_paths_match_float64(monkeypatch, shape, layout, rows, compute, tile_bytes):
+    # 4096-byte tiles force many tiles (and a short last one) even on these small weights.
+    monkeypatch.setattr(cpu, "TILE_BYTES", tile_bytes)
+    qweight, scales = int8_weight(*shape, layout)
+    x = torch.randn(rows, shape[0])
+    grad = torch.randn(rows, shape[1])
+    y = cpu.tiled_forward(x, qweight, scales, compute)
+    dx = cpu.tiled_grad_input(grad, qweight, scales, compute)
+    assert y.dtype == dx.dtype == compute
+    budget = EXACT if compute == torch.float32 else BF16
+    assert relative_error(y, float64_forward(x, qweight, scales)) < budget
+    assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < budget
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_tiled_paths_agree_with_reference_path(compute):
+    qweight, scales = int8_weight(256, 320)
+    x = torch.randn(33, 256)
+    grad = torch.randn(33, 320)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if compute == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
+    torch.testing.assert_close(
+        cpu.tiled_forward(x, qweight, scales, compute).float(), reference.forward(x, qweight, scales, compute).float(), **tolerance
+    )
+    torch.testing.assert_close(
+        cpu.tiled_grad_input(grad, qweight, scales, compute).float(),
+        reference.grad_input(grad, qweight, scales, compute).float(),
+        **tolerance,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_native", [True, False])
+def test_dequantized_tiles_are_the_reference_weight_bit_for_bit(monkeypatch, dtype, use_native):
+    if use_native and not native.is_available():
+        pytest.skip("no compiled kernels")
+    monkeypatch.setattr(native, "is_available", lambda: use_native)
+    qweight, scales = int8_weight(100, 37)
+    s = scales.float()
+    expected = dequantize_weight(qweight, scales, dtype)  # [out, in]
+    # Rows of [in, out] with a scale per column, and rows of [out, in] with a scale per row.
+    by_columns = cpu._dequantize_tile(qweight, None, s, dtype)
+    assert torch.equal(by_columns, expected.t())
+    by_rows = cpu._dequantize_tile(qweight.t().contiguous(), s, None, dtype)
+    assert torch.equal(by_rows, expected)
+
+
+def test_tiled_path_keeps_only_a_bounded_workspace(monkeypatch):
+    monkeypatch.setattr(cpu, "TILE_BYTES", 256 * 1024)
+    cpu.release_workspaces()
+    qweight, scales = int8_weight(512, 1024)
+    cpu.tiled_forward(torch.randn(40, 512), qweight, scales, torch.bfloat16)
+    cpu.tiled_grad_input(torch.randn(40, 1024), qweight, scales, torch.bfloat16)
+    buffers = cpu._workspaces.buffers
+    # The whole dequantized weight would be 1 MiB in bfloat16; the reused buffer stays one tile.
+    assert sum(b.numel() * b.element_size() for b in buffers.values()) <= 256 * 1024
+    cpu.release_workspaces()
+    assert cpu._workspaces.buffers == {}
+
+
+def test_weight_rows_prefers_output_rows_and_never_copies_plain_layouts():
+    qweight, _ = int8_weight(100, 37, "out_in")
+    view, rows_are_outputs = cpu.weight_rows(qweight)
+    assert rows_are_outputs and view.data_ptr() == qweight.data_ptr() and view.shape == (37, 100)
+    qweight, _ = int8_weight(100, 37, "in_out")
+    view, rows_are_outputs = cpu.weight_rows(qweight)
+    assert not rows_are_outputs and view is qweight
+    odd = torch.randint(-128, 128, (200, 74), dtype=torch.int8)[::2, ::2]
+    view, rows_are_outputs = cpu.weight_rows(odd)
+    assert rows_are_outputs and view.is_contiguous() and torch.equal(view, odd.t())
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16])
+def test_int8pack_fallback_matches_float64(rows):
+    qweight, scales = int8_weight(256, 320, "out_in")
+    assert cpu.int8pack_supported(qweight)
+    assert not cpu.int8pack_supported(int8_weight(256, 320, "in_out")[0])
+    x = torch.randn(rows, 256).bfloat16()
+    y = cpu.int8pack_forward(x, qweight, scales)
+    assert y.dtype == torch.bfloat16
+    assert relative_error(y, float64_forward(x, qweight, scales)) < BF16

@@ -1,0 +1,137 @@
+"""The dispatch point: which path runs, and that every dispatched result matches float64 math."""
+
+import pytest
+import torch
+
+import eetq_lora.kernels as kernels
+from eetq_lora.kernels import (
+    INT8PACK_MAX_ROWS,
+    STREAM_MAX_ROWS,
+    compute_dtype,
+    cpu,
+    int8_linear,
+    matmul_forward,
+    matmul_grad_input,
+    native,
+    select_path,
+)
+from tests.kernels.helpers import float64_forward, float64_grad_input, int8_weight, relative_error
+
+# Relative error budget against float64 by compute dtype (see test_cpu_paths).
+BUDGET = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
+# Output rounding alone, for float16 results computed in float32.
+FLOAT16_OUTPUT = 1e-3
+
+needs_native = pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+
+
+@needs_native
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["forward", "grad_input"])
+def test_cpu_rows_threshold_separates_stream_and_tiled(compute, op):
+    qweight, _ = int8_weight(64, 48)
+    limit = STREAM_MAX_ROWS[(op, compute)]
+    assert select_path("cpu", compute, 1, qweight, op) == "cpu-stream"
+    assert select_path("cpu", compute, limit, qweight, op) == "cpu-stream"
+    assert select_path("cpu", compute, limit + 1, qweight, op) == "cpu-tiled"
+
+
+def test_without_compiled_kernels_cpu_uses_torch_paths(monkeypatch):
+    monkeypatch.setattr(native, "is_available", lambda: False)
+    packed, _ = int8_weight(64, 48, "out_in")
+    plain, _ = int8_weight(64, 48, "in_out")
+    assert select_path("cpu", torch.bfloat16, 1, packed) == "cpu-int8pack"
+    assert select_path("cpu", torch.bfloat16, INT8PACK_MAX_ROWS, packed) == "cpu-int8pack"
+    assert select_path("cpu", torch.bfloat16, INT8PACK_MAX_ROWS + 1, packed) == "cpu-tiled"
+    assert select_path("cpu", torch.bfloat16, 1, plain) == "cpu-tiled"
+    assert select_path("cpu", torch.bfloat16, 1, packed, "grad_input") == "cpu-tiled"
+    assert select_path("cpu", torch.float32, 1, packed) == "cpu-tiled"
+
+
+def test_other_devices_and_cuda_float32_use_reference(monkeypatch):
+    qweight, _ = int8_weight(64, 48)
+    assert select_path("mps", torch.float32, 1, qweight) == "reference"
+    assert select_path("cuda", torch.float32, 1, qweight) == "reference"
+    monkeypatch.setattr(kernels, "_triton_usable", lambda: True)
+    assert select_path("cuda", torch.float16, 1, qweight) == "cuda-triton"
+    assert select_path("cuda", torch.bfloat16, 4096, qweight, "grad_input") == "cuda-triton"
+    assert select_path("cuda", torch.float32, 1, qweight) == "reference"
+    monkeypatch.setattr(kernels, "_triton_usable", lambda: False)
+    assert select_path("cuda", torch.float16, 1, qweight) == "reference"
+
+
+def test_environment_forces_reference(monkeypatch):
+    monkeypatch.setenv("EETQ_LORA_KERNELS", "reference")
+    qweight, _ = int8_weight(64, 48)
+    assert select_path("cpu", torch.bfloat16, 1, qweight) == "reference"
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 8, 33, 200])
+def test_dispatched_matmuls_match_float64(monkeypatch, use_native, layout, dtype, rows):
+    if use_native and not native.is_available():
+        pytest.skip("no compiled kernels")
+    monkeypatch.setattr(native, "is_available", lambda: use_native)
+    qweight, scales = int8_weight(96, 80, layout)
+    x = torch.randn(rows, 96).to(dtype)
+    grad = torch.randn(rows, 80).to(dtype)
+    y = matmul_forward(x, qweight, scales)
+    dx = matmul_grad_input(grad, qweight, scales)
+    assert y.dtype == dx.dtype == dtype
+    budget = FLOAT16_OUTPUT if dtype == torch.float16 else BUDGET[dtype]
+    assert relative_error(y, float64_forward(x, qweight, scales)) < budget
+    assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < budget
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [4, 300])
+def test_bfloat16_opt_in_stays_within_bfloat16_budget(input_dtype, rows):
+    qweight, scales = int8_weight(96, 80)
+    x = torch.randn(rows, 96).to(input_dtype)
+    with compute_dtype(torch.bfloat16):
+        y = matmul_forward(x, qweight, scales)
+    assert y.dtype == input_dtype
+    assert relative_error(y, float64_forward(x, qweight, scales)) < BUDGET[torch.bfloat16]
+
+
+def test_backward_uses_the_compute_dtype_of_its_forward(monkeypatch):
+    seen = []
+    original = cpu.tiled_grad_input
+
+    def spy(grad, qweight, scales, dtype):
+        seen.append(dtype)
+        return original(grad, qweight, scales, dtype)
+
+    monkeypatch.setattr(cpu, "tiled_grad_input", spy)
+    monkeypatch.setattr(native, "is_available", lambda: False)
+    qweight, scales = int8_weight(96, 80)
+    x = torch.randn(300, 96, requires_grad=True)
+    with compute_dtype(torch.bfloat16):
+        y = int8_linear(x, qweight, scales, None)
+    y.sum().backward()
+    assert seen == [torch.bfloat16]
+    assert x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("rows", [2, 200])
+def test_autograd_saves_only_the_int8_weight_and_scales(monkeypatch, use_native, rows):
+    if use_native and not native.is_available():
+        pytest.skip("no compiled kernels")
+    monkeypatch.setattr(native, "is_available", lambda: use_native)
+    qweight, scales = int8_weight(96, 80)
+    saved = []
+
+    def pack(tensor):
+        saved.append((tensor.dtype, tuple(tensor.shape)))
+        return tensor
+
+    x = torch.randn(rows, 96, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = int8_linear(x, qweight, scales, None)
+    assert saved == [(torch.int8, (96, 80)), (torch.float16, (80,))]
+    upstream = torch.randn(rows, 80)
+    y.backward(upstream)
+    assert relative_error(x.grad, float64_grad_input(upstream, qweight, scales)) < BUDGET[torch.float32]

@@ -1,0 +1,68 @@
+"""Building the CPU kernels: cache reuse, and a clean fallback with one warning where it cannot work."""
+
+import warnings
+
+import pytest
+import torch
+
+import eetq_lora.kernels as kernels
+from eetq_lora.kernels import matmul_forward, native
+from tests.kernels.helpers import float64_forward, int8_weight, relative_error
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """An empty kernel cache and no loaded library; the real one is reloaded afterwards."""
+    monkeypatch.setenv("EETQ_LORA_CACHE_DIR", str(tmp_path))
+    native._reset_for_tests()
+    yield tmp_path
+    native._reset_for_tests()
+
+
+def _forward_still_matches():
+    qweight, scales = int8_weight(64, 48)
+    x = torch.randn(3, 64).bfloat16()
+    assert relative_error(matmul_forward(x, qweight, scales), float64_forward(x, qweight, scales)) < 1.6e-2
+
+
+def test_no_compiler_warns_once_and_falls_back(monkeypatch, fresh_native):
+    monkeypatch.setattr(native, "_find_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler found") as record:
+        assert native.library() is None
+        assert native.library() is None
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert native.status()["available"] is False
+    qweight, _ = int8_weight(64, 48)
+    assert kernels.select_path("cpu", torch.bfloat16, 1, qweight) != "cpu-stream"
+    _forward_still_matches()
+
+
+def test_failing_compiler_warns_and_falls_back(monkeypatch, fresh_native):
+    monkeypatch.setattr(native, "_find_compiler", lambda: "/bin/false")
+    with pytest.warns(RuntimeWarning, match="building the CPU kernels failed") as record:
+        assert native.library() is None
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert "/bin/false" in native.status()["log"]
+    _forward_still_matches()
+
+
+def test_environment_disables_without_warning(monkeypatch, fresh_native):
+    monkeypatch.setenv("EETQ_LORA_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None
+    assert "EETQ_LORA_NATIVE" in native.status()["reason"]
+
+
+@pytest.mark.skipif(native._find_compiler() is None, reason="no C compiler")
+def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
+    assert native.is_available()
+    built = list(fresh_native.glob("eetq_cpu_*.so"))
+    assert len(built) == 1
+    first_mtime = built[0].stat().st_mtime_ns
+    native._reset_for_tests()
+    assert native.is_available()
+    assert native.status()["path"] == str(built[0])
+    assert built[0].stat().st_mtime_ns == first_mtime
+    assert native.library().eetq_has_openmp() in (0, 1)
+    _forward_still_matches()
