@@ -61,17 +61,21 @@ def main() -> None:
     total = sum(p.numel() for p in model.parameters())
     linears = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
     linear_params = sum(w.numel() for w in linears)
-    print(f"model: {total / 1e6:.1f} M parameters ({linear_params / 1e6:.1f} M in {len(linears)} linear layers), "
-          f"{args.dtype}, torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {total / 1e6:.1f} M parameters ({linear_params / 1e6:.1f} M in {len(linears)} linear layers), "
+        f"{args.dtype}, torch threads {torch.get_num_threads()}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "float", Path(tmp) / "int8"
         model.save_pretrained(src)
         del model
         report = quantize_checkpoint(src, out, threads=args.threads, progress=False)
-        print(f"checkpoint:     {report.seconds:6.2f} s  {report.parameters / report.seconds / 1e6:7.1f} M params/s "
-              f"({report.quantized_parameters / report.seconds / 1e6:.1f} M linear params/s), "
-              f"{report.bytes_before / 2**20:.0f} MiB -> {report.bytes_after / 2**20:.0f} MiB")
+        print(
+            f"checkpoint:     {report.seconds:6.2f} s  {report.parameters / report.seconds / 1e6:7.1f} M params/s "
+            f"({report.quantized_parameters / report.seconds / 1e6:.1f} M linear params/s), "
+            f"{report.bytes_before / 2**20:.0f} MiB -> {report.bytes_after / 2**20:.0f} MiB"
+        )
 
     weights = [w.to(args.device) for w in linears]
     quantized = []

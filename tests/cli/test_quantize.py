@@ -61,7 +61,11 @@ def test_quantize_writes_a_loadable_eetq_folder(tmp_path, capsys):
     assert "parameters: " in printed and "bytes: " in printed and "time: " in printed and "parameters/s" in printed
 
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "eetq", "weights": "int8", "modules_to_not_convert": ["lm_head"]}
+    assert config["quantization_config"] == {
+        "quant_method": "eetq",
+        "weights": "int8",
+        "modules_to_not_convert": ["lm_head"],
+    }
     tensors, metadata = read_folder(out)
     assert metadata["model.safetensors"]["eetq_layout"] == "sm75"
     source = model.state_dict()
@@ -91,7 +95,13 @@ def test_quantize_writes_a_loadable_eetq_folder(tmp_path, capsys):
 def test_non_weight_files_are_copied_weights_are_not(tmp_path):
     src, out = tmp_path / "float", tmp_path / "int8"
     float_folder(src)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "README.md"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "README.md",
+    ):
         (src / name).write_text(f"{name} contents")
     torch.save({}, src / "pytorch_model.bin")
     (src / "original").mkdir()
@@ -99,8 +109,16 @@ def test_non_weight_files_are_copied_weights_are_not(tmp_path):
     assert run_cli(src, out) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
-        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json", "chat_template.jinja", "README.md"]
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "README.md",
+        ]
     )
     assert (out / "tokenizer.json").read_text() == "tokenizer.json contents"
 
@@ -166,15 +184,20 @@ def test_tied_embeddings_stay_float(tmp_path):
     assert tensors["model.embed_tokens.weight"].dtype == torch.float32 and "lm_head.weight_scales" not in tensors
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert type(loaded.lm_head) is nn.Linear and loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    expected = quantize_model(tiny_llama(tie_word_embeddings=True, **WIDE), modules_to_not_convert=["lm_head", "o_proj"])
+    expected = quantize_model(
+        tiny_llama(tie_word_embeddings=True, **WIDE), modules_to_not_convert=["lm_head", "o_proj"]
+    )
     assert torch.equal(logits(loaded), logits(expected))
 
 
 def test_linear_weights_come_from_the_architecture(tmp_path):
     float_folder(tmp_path)
     names, skips = linear_weight_names(tmp_path)
-    expected = {f"model.layers.{i}.{g}.{n}.weight" for i in range(2) for g, n in
-                [("self_attn", n) for n in LINEARS[:4]] + [("mlp", n) for n in LINEARS[4:]]}
+    expected = {
+        f"model.layers.{i}.{g}.{n}.weight"
+        for i in range(2)
+        for g, n in [("self_attn", n) for n in LINEARS[:4]] + [("mlp", n) for n in LINEARS[4:]]
+    }
     assert names == expected and skips == ["lm_head"]
 
 

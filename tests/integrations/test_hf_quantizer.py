@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, EetqConfig
-from transformers.utils import logging as transformers_logging
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizer_eetq import EetqHfQuantizer
+from transformers.utils import logging as transformers_logging
 
 import eetq_lora
 from eetq_lora import EetqLinear, mark_eetq_quantized, quantize_model, quantize_weight, set_checkpoint_layout
@@ -105,7 +105,9 @@ def test_float_checkpoint_with_eetq_config_matches_quantize_model(tmp_path, over
 
 def test_float16_model_with_biases(tmp_path):
     save_float(tmp_path, dtype=torch.float16, attention_bias=True, mlp_bias=True, **WIDE)
-    on_load = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=EetqConfig("int8"), dtype=torch.float16)
+    on_load = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=EetqConfig("int8"), dtype=torch.float16
+    )
     reference = quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float16))
     layer = on_load.model.layers[0].self_attn.q_proj
     assert layer.bias.dtype == torch.float16 and layer.weight_scales.dtype == torch.float16
@@ -172,7 +174,9 @@ def test_quantize_model_then_mark_then_save(tmp_path):
     model = quantize_model(tiny_llama(**WIDE))
     mark_eetq_quantized(model)
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["modules_to_not_convert"] == ["lm_head"]
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["modules_to_not_convert"] == [
+        "lm_head"
+    ]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert_same_quantized(model, reloaded)
     assert torch.equal(logits(reloaded), logits(model))
@@ -296,7 +300,9 @@ def test_float_weight_where_int8_is_expected_is_an_error(tmp_path, caplog, shape
             AutoModelForCausalLM.from_pretrained(path)
     finally:
         transformers_logging.disable_propagation()
-    assert "model.layers.0.mlp.up_proj.weight: an EETQ checkpoint stores int8 [in_features, out_features]" in caplog.text
+    assert (
+        "model.layers.0.mlp.up_proj.weight: an EETQ checkpoint stores int8 [in_features, out_features]" in caplog.text
+    )
     assert f"got torch.float32 of shape {list(shape)}" in caplog.text
 
 

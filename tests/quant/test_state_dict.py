@@ -113,7 +113,9 @@ def test_shapes_eetq_cannot_hold_fall_back_to_plain(shape):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_torch_save_and_load_weights_only(tmp_path, layout):
-    model = nn.Sequential(quantized(64, 128, seed=1), nn.GELU(), quantized(128, 64, bias=False, seed=2), quantized(64, 40))
+    model = nn.Sequential(
+        quantized(64, 128, seed=1), nn.GELU(), quantized(128, 64, bias=False, seed=2), quantized(64, 40)
+    )
     set_checkpoint_layout(model, layout)
     torch.save(model.state_dict(), tmp_path / "model.pt")
     state = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -227,7 +229,9 @@ def load_error(layer: EetqLinear, state: dict, strict: bool = True) -> str:
 
 def test_float_weight_is_a_clear_error():
     linear = nn.Linear(64, 128)
-    message = load_error(EetqLinear(64, 128), linear.state_dict() | {"weight_scales": torch.ones(128, dtype=torch.float16)})
+    message = load_error(
+        EetqLinear(64, 128), linear.state_dict() | {"weight_scales": torch.ones(128, dtype=torch.float16)}
+    )
     assert "'weight'" in message
     assert "expected an int8 tensor of shape [in_features, out_features] = [64, 128]" in message
     assert "got torch.float32 of shape [128, 64]" in message

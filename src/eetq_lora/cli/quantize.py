@@ -22,7 +22,9 @@ def register(subparsers) -> argparse.ArgumentParser:
             "with stock transformers + EETQ on a GPU for the sm75 layout)."
         ),
     )
-    parser.add_argument("src", metavar="SRC", help="float model folder: config.json and model.safetensors (or an index and shards)")
+    parser.add_argument(
+        "src", metavar="SRC", help="float model folder: config.json and model.safetensors (or an index and shards)"
+    )
     parser.add_argument("out", metavar="OUT", help="output folder; must not exist unless --overwrite")
     parser.add_argument(
         "--skip",
@@ -38,7 +40,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_LAYOUT,
         help="byte layout of the int8 weights: sm75 (T4/A10/A100/RTX 30/40/L4, default), sm70 (V100) or plain",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new folder is complete)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists (only once the new folder is complete)"
+    )
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: every core)")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     parser.set_defaults(func=run)
@@ -78,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"time: {report.seconds:.2f} s ({report.parameters_per_second / 1e6:.1f} M parameters/s)")
     if report.layout == "sm70":
-        print("note: stock EETQ reads sm70 checkpoints only on compute capability 7.0 GPUs (V100); eetq_lora reads them anywhere")
+        print(
+            "note: stock EETQ reads sm70 checkpoints only on compute capability 7.0 GPUs (V100); "
+            "eetq_lora reads them anywhere"
+        )
     elif report.layout == "plain":
         print("note: stock EETQ cannot read plain-layout checkpoints; eetq_lora reads them anywhere")
     return 0

@@ -18,10 +18,13 @@ back. Nothing here touches the network. From then on, in this process:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import EetqConfig
+from transformers import EetqConfig, PreTrainedModel
 from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
@@ -68,7 +71,7 @@ def is_transformers_enabled() -> bool:
     return AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is EetqLoraHfQuantizer
 
 
-def read_checkpoint_layout(checkpoint_files, default: str = DEFAULT_LAYOUT) -> str:
+def read_checkpoint_layout(checkpoint_files: Iterable[str | os.PathLike] | None, default: str = DEFAULT_LAYOUT) -> str:
     """The int8 weight layout recorded in these safetensors files' metadata, or ``default``.
 
     Files that are not safetensors, or that record nothing, count as ``default``; files that
@@ -88,7 +91,7 @@ def read_checkpoint_layout(checkpoint_files, default: str = DEFAULT_LAYOUT) -> s
     return layouts.pop() if layouts else check_layout(default)
 
 
-def mark_eetq_quantized(model, modules_to_not_convert=("lm_head",)) -> None:
+def mark_eetq_quantized(model: PreTrainedModel, modules_to_not_convert: Iterable[str] = ("lm_head",)) -> None:
     """Attach EETQ's quantization config to a transformers model quantized with ``quantize_model``.
 
     Afterwards ``model.save_pretrained`` writes an EETQ checkpoint (config and layout metadata
@@ -96,7 +99,9 @@ def mark_eetq_quantized(model, modules_to_not_convert=("lm_head",)) -> None:
     ``modules_to_not_convert`` that were given to ``quantize_model``.
     """
     if not any(isinstance(module, EetqLinear) for module in model.modules()):
-        raise ValueError("mark_eetq_quantized: the model has no EetqLinear layer; run eetq_lora.quantize_model(model) first")
+        raise ValueError(
+            "mark_eetq_quantized: the model has no EetqLinear layer; run eetq_lora.quantize_model(model) first"
+        )
     config = EetqConfig("int8", modules_to_not_convert=list(modules_to_not_convert or ()))
     model.config.quantization_config = config
     model.hf_quantizer = EetqLoraHfQuantizer(config, pre_quantized=True)
@@ -143,7 +148,8 @@ class _UnpackWeight(_SharedOp):
             expected = (layer.in_features, layer.out_features)
             if tensor.dtype != torch.int8 or tuple(tensor.shape) != expected:
                 raise ValueError(
-                    f"{full_layer_name}: an EETQ checkpoint stores int8 [in_features, out_features] = {list(expected)}, "
+                    f"{full_layer_name}: an EETQ checkpoint stores int8 [in_features, out_features] = "
+                    f"{list(expected)}, "
                     f"got {tensor.dtype} of shape {list(tensor.shape)}; if this layer was left in float, list it in "
                     "the quantization_config's modules_to_not_convert"
                 )
@@ -225,7 +231,9 @@ class EetqLoraHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, self.quantization_config.modules_to_not_convert, model._keep_in_fp32_modules
         )
-        self.layout = read_checkpoint_layout(checkpoint_files, _default_layout) if self.pre_quantized else _default_layout
+        self.layout = (
+            read_checkpoint_layout(checkpoint_files, _default_layout) if self.pre_quantized else _default_layout
+        )
         replaced = 0
         for name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear) or not should_convert_module(name, self.modules_to_not_convert):
@@ -261,7 +269,8 @@ class EetqLoraHfQuantizer(HfQuantizer):
                 shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
                 raise ValueError(
                     f"this EETQ checkpoint lacks {len(missing)} int8 tensor(s) its quantization_config calls for: "
-                    f"{shown}; the checkpoint is incomplete, or modules_to_not_convert does not match how it was quantized"
+                    f"{shown}; the checkpoint is incomplete, or modules_to_not_convert does not match how it "
+                    "was quantized"
                 )
         return model
 
@@ -280,7 +289,11 @@ class EetqLoraHfQuantizer(HfQuantizer):
             if not isinstance(module, EetqLinear):
                 continue
             linear = nn.Linear(
-                module.in_features, module.out_features, bias=module.bias is not None, device=module.weight.device, dtype=dtype
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=module.weight.device,
+                dtype=dtype,
             )
             with torch.no_grad():
                 linear.weight.copy_(module.dequantize(dtype))

@@ -118,7 +118,9 @@ def quantize_checkpoint(
     )
 
 
-def linear_weight_names(src: str | os.PathLike, modules_to_not_convert: Iterable[str] = ("lm_head",)) -> tuple[set[str], list[str]]:
+def linear_weight_names(
+    src: str | os.PathLike, modules_to_not_convert: Iterable[str] = ("lm_head",)
+) -> tuple[set[str], list[str]]:
     """The ``*.weight`` names to quantize for the model in ``src``, and the full skip list.
 
     The model is built from ``src/config.json`` on the meta device (no weights are read); its
@@ -135,11 +137,13 @@ def linear_weight_names(src: str | os.PathLike, modules_to_not_convert: Iterable
     model = _meta_model(config, src)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     tied |= set((getattr(model, "all_tied_weights_keys", {}) or {}).values())
-    skips = list(dict.fromkeys(
-        list(modules_to_not_convert or ())
-        + sorted(name.removesuffix(".weight") for name in tied)
-        + sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
-    ))
+    skips = list(
+        dict.fromkeys(
+            list(modules_to_not_convert or ())
+            + sorted(name.removesuffix(".weight") for name in tied)
+            + sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
+        )
+    )
     names = {
         f"{name}.weight"
         for name, module in model.named_modules()
@@ -212,7 +216,9 @@ def _read_config(src: Path) -> dict:
     return config
 
 
-def _convert_shards(src: Path, staging: Path, shards: list[str], linear_weights: set[str], layout: str, progress: bool) -> dict:
+def _convert_shards(
+    src: Path, staging: Path, shards: list[str], linear_weights: set[str], layout: str, progress: bool
+) -> dict:
     from tqdm import tqdm
 
     totals = {"parameters": 0, "quantized_parameters": 0, "bytes_before": 0, "bytes_after": 0}
@@ -229,7 +235,10 @@ def _convert_shards(src: Path, staging: Path, shards: list[str], linear_weights:
                     totals["bytes_before"] += size
                     if key in linear_weights:
                         if tensor.dim() != 2 or not tensor.is_floating_point():
-                            raise CheckpointError(f"{shard}: {key} should be a float 2-D nn.Linear weight, got {tensor.dtype} {list(tensor.shape)}")
+                            raise CheckpointError(
+                                f"{shard}: {key} should be a float 2-D nn.Linear weight, "
+                                f"got {tensor.dtype} {list(tensor.shape)}"
+                            )
                         q, scales = quantize_weight(tensor)
                         module = key.removesuffix(".weight")
                         output[key] = pack_weight(q, resolve_layout(layout, *q.shape), name=module)

@@ -125,13 +125,16 @@ class EetqLinear(nn.Module):
             previous_key, previous_memo, previous_ref = previous
             packed = previous_ref()
             # Another alias of this layer already put its packed weight into this same state dict.
-            if packed is not None and previous_memo == memo and previous_key != key and destination.get(previous_key) is packed:
+            same_call = previous_key != key and destination.get(previous_key) is packed
+            if packed is not None and previous_memo == memo and same_call:
                 return packed
         packed = pack_weight(weight.detach(), layout, name=prefix[:-1] or None)
         _LAST_PACKED[self] = (key, memo, weakref.ref(packed))
         return packed
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         weight_key, scales_key = prefix + "weight", prefix + "weight_scales"
         weight, scales = state_dict.get(weight_key), state_dict.get(scales_key)
         if (weight is None) != (scales is None):
@@ -151,7 +154,9 @@ class EetqLinear(nn.Module):
                 # Module.load_state_dict hands modules its own shallow copy of the caller's dict,
                 # so replacing the entry here leaves the caller's tensors untouched.
                 state_dict[weight_key] = unpack_weight(weight, layout, name=prefix[:-1] or None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _checkpoint_problems(self, weight_key: str, weight, scales_key: str, scales) -> list[str]:
         problems = []
@@ -162,11 +167,12 @@ class EetqLinear(nn.Module):
                 f"{list(expected_shape)} (EETQ's orientation), got {_describe(weight)}"
             )
             if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-                message += "; a float nn.Linear weight must be quantized first (EetqLinear.from_linear or quantize_model)"
+                message += "; a float nn.Linear weight must be quantized first (EetqLinear.from_linear, quantize_model)"
             elif isinstance(weight, torch.Tensor) and tuple(weight.shape) == expected_shape[::-1]:
                 message += "; it looks transposed ([out, in] is nn.Linear's orientation)"
             problems.append(message)
-        if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float16 or tuple(scales.shape) != (self.out_features,):
+        scales_ok = isinstance(scales, torch.Tensor) and scales.dtype == torch.float16
+        if not scales_ok or tuple(scales.shape) != (self.out_features,):
             problems.append(
                 f"{scales_key!r}: expected a float16 tensor of shape [out_features] = [{self.out_features}], "
                 f"got {_describe(scales)}"
