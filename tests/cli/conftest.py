@@ -1,0 +1,116 @@
+"""Offline fixtures for the finetune/generate/eval tests: a tiny Llama and tokenizer made in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ANIMALS = ["cat", "dog", "cow", "fox", "owl", "bee", "ant", "elk", "yak", "emu", "rat", "bat", "eel", "hen", "pig", "ram"]
+SOUNDS = ["meow", "woof", "moo", "yip", "hoot", "buzz", "tick", "bugle", "grunt", "boom", "squeak", "click", "zap", "cluck", "oink", "baa"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def qa_pairs() -> list[dict[str, str]]:
+    """48 prompt/response pairs with a learnable pattern (what an animal says)."""
+    pairs = []
+    for animal, sound in zip(ANIMALS, SOUNDS):
+        pairs.append({"prompt": f"what does the {animal} say ?", "response": f"the {animal} says {sound} ."})
+        pairs.append({"prompt": f"which sound does a {animal} make ?", "response": f"a {animal} makes {sound} ."})
+        pairs.append({"prompt": f"tell me the {animal} sound", "response": f"{sound} is the {animal} sound ."})
+    return pairs
+
+
+def make_tokenizer(chat_template: str | None = None):
+    """A word-level tokenizer trained in memory on the fixture texts (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [p["prompt"] + " " + p["response"] for p in qa_pairs()]
+    texts += ["Question : Answer : user assistant system < > a plain line of text for the model to learn"]
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<user>", "<assistant>"])
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<assistant>"]})
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def make_model_dir(folder: Path, chat_template: str | None = None, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer(chat_template)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A saved tiny Llama (2 layers, width 64) with a word-level tokenizer and no chat template."""
+    return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """The same tiny Llama whose tokenizer has a chat template."""
+    return make_model_dir(tmp_path_factory.mktemp("tiny-chat-model"), chat_template=CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def qa_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in qa_pairs()))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Keep model conversions of a test out of the user's cache."""
+    monkeypatch.setenv("EETQ_LORA_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """A finetune command line for the tiny model: float32 and one thread, so runs are reproducible."""
+    return [
+        "finetune", "--model", str(model), "--data", str(data), "--out", str(out),
+        "--steps", "4", "--batch-size", "4", "--max-seq-len", "32", "--lr", "0.01",
+        "--dtype", "float32", "--threads", "1", "--eval-examples", "8", *extra,
+    ]
+
+
+def run_cli(*argv: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m eetq_lora ARGV`` in a child process (a real exit code and real signals)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "eetq_lora", *argv], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
