@@ -1,0 +1,140 @@
+"""Find the model a user named (or the built-in one), load it in float32, quantize it to EETQ int8."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .default import DEFAULT_MODEL_NAME, default_gguf_path
+from .gguf import gguf_to_folder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A loadable model folder; ``spec`` is what the user passed (None for the built-in model)."""
+
+    folder: Path
+    name: str
+    spec: str | None
+
+
+@dataclass
+class LoadedModel:
+    """A quantized base model with its tokenizer and the memory it takes."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: ModelSource
+    dtype: torch.dtype
+    float32_bytes: int
+    quantized_bytes: int
+    parameters: int
+
+
+def check_model_spec(spec: str | None) -> None:
+    """Fail fast, before anything slow, if ``spec`` names no existing .gguf file or model folder."""
+    if spec is None:
+        default_gguf_path()
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelError(f"model path {spec} does not exist; pass a Hugging Face model folder or a .gguf file to --model, or leave --model out for the built-in {DEFAULT_MODEL_NAME}")
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise ModelError(f"model file {spec} is not a .gguf file; pass a .gguf file or a Hugging Face model folder (with config.json)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelError(f"model folder {spec} has no config.json; pass a folder saved with save_pretrained(), or a .gguf file")
+
+
+def resolve_model(spec: str | None, quiet: bool = False) -> ModelSource:
+    """The folder to load for ``spec``: the built-in model or a .gguf file are converted once and cached."""
+    check_model_spec(spec)
+    if spec is None:
+        return ModelSource(gguf_to_folder(default_gguf_path(), quiet=quiet), f"{DEFAULT_MODEL_NAME} (built-in)", None)
+    path = Path(spec).expanduser().resolve()
+    if path.is_file():
+        return ModelSource(gguf_to_folder(path, quiet=quiet), str(spec), str(path))
+    return ModelSource(path, str(spec), str(path))
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); private torch probes, so guarded."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:
+            pass
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 where the hardware computes it natively (about 2x faster on such CPUs), else float32."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bfloat16() else torch.float32
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each shared tensor counted once."""
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_quantized(source: ModelSource, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Load ``source`` in float32, quantize its linear layers to EETQ int8, then cast the rest to ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    from .. import quantize_model
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a cached local load takes a second; its bars would only be noise
+    try:
+        tokenizer = load_tokenizer(source.folder)
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"could not load the model in {source.folder}: {error}") from error
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    parameters = sum(p.numel() for p in model.parameters())
+    float32_bytes = tensor_bytes(model)
+    quantize_model(model)
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return LoadedModel(model, tokenizer, source, dtype, float32_bytes, tensor_bytes(model), parameters)
+
+
+def default_device(name: str = "auto") -> torch.device:
+    """``auto`` picks the GPU of this process (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
