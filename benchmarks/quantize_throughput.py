@@ -2,8 +2,9 @@
 
 Measures three things on this machine's CPU (or --device):
 - checkpoint: ``quantize_checkpoint`` on a saved safetensors folder, end to end (read, quantize,
-  pack to sm75, write), i.e. what ``eetq-lora quantize`` does;
-- quantize+pack: ``quantize_weight`` then ``pack_weight`` on every linear weight held in memory;
+  pack to sm75, write), i.e. what ``eetq-lora quantize`` does, with --threads workers;
+- quantize+pack: ``quantize_weight`` then ``pack_weight`` on every linear weight held in memory,
+  one after the other with --threads torch intra-op threads;
 - pack only: ``pack_weight`` alone, the cost EetqLinear's state dict pays per save.
 
 Usage: python benchmarks/quantize_throughput.py [--dtype bfloat16] [--threads N] [--layers 30]

@@ -211,12 +211,23 @@ def test_overwrite_replaces_an_existing_folder(tmp_path):
     assert leftovers(tmp_path, "int8") == []
 
 
-def test_threads_are_restored(tmp_path):
+def test_worker_count_changes_nothing_but_speed(tmp_path):
     src = tmp_path / "float"
-    float_folder(src)
+    float_folder(src, max_shard_size="300KB", **WIDE)
     before = torch.get_num_threads()
     assert run_cli(src, tmp_path / "one", "--threads", "1") == 0
+    assert run_cli(src, tmp_path / "three", "--threads", "3") == 0
     assert torch.get_num_threads() == before
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "three").iterdir())
+    # safetensors orders its metadata map arbitrarily, so shards are compared by content.
+    one, one_metadata = read_folder(tmp_path / "one")
+    three, three_metadata = read_folder(tmp_path / "three")
+    assert one_metadata == three_metadata and one.keys() == three.keys()
+    assert all(torch.equal(one[key], three[key]) and one[key].dtype == three[key].dtype for key in one)
+    for name in names:
+        if not name.endswith(".safetensors"):
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes(), name
 
 
 def test_progress_bar_goes_to_stderr(tmp_path, capsys):

@@ -43,7 +43,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT if it exists (only once the new folder is complete)"
     )
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: every core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="weights quantized at once, one core each (default: every core)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     parser.set_defaults(func=run)
     return parser

@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +68,9 @@ def quantize_checkpoint(
 
     Every ``nn.Linear`` weight of the model that ``src/config.json`` describes is quantized, except
     modules matching ``modules_to_not_convert`` and weights tied to another tensor; everything else,
-    and the tokenizer, generation and other non-weight files, is copied. ``threads`` sets torch's
-    thread count for the run (default: every core). Raises CheckpointError for unusable folders.
+    and the tokenizer, generation and other non-weight files, is copied. ``threads`` weights are
+    quantized at a time, each on one core (default: every core). Raises CheckpointError for
+    unusable folders.
     """
     started = time.perf_counter()
     layout = check_layout(layout)
@@ -77,12 +80,15 @@ def quantize_checkpoint(
     config = _read_config(src)
     linear_weights, skips = linear_weight_names(src, modules_to_not_convert)
 
+    workers = threads or os.cpu_count() or 1
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    # One single-threaded torch op stream per worker, one tensor each: this keeps every core busy
+    # without the per-op thread synchronisation that stalls intra-op threads on a shared machine.
+    torch.set_num_threads(1)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     _chmod_like_a_new_folder(staging)
     try:
-        totals = _convert_shards(src, staging, shards, linear_weights, layout, progress)
+        totals = _convert_shards(src, staging, shards, linear_weights, layout, workers, progress)
         missing = linear_weights - totals.pop("found")
         if missing:
             raise CheckpointError(
@@ -217,38 +223,46 @@ def _read_config(src: Path) -> dict:
 
 
 def _convert_shards(
-    src: Path, staging: Path, shards: list[str], linear_weights: set[str], layout: str, progress: bool
+    src: Path,
+    staging: Path,
+    shards: list[str],
+    linear_weights: set[str],
+    layout: str,
+    workers: int,
+    progress: bool,
 ) -> dict:
     from tqdm import tqdm
 
     totals = {"parameters": 0, "quantized_parameters": 0, "bytes_before": 0, "bytes_after": 0}
     weight_map, found = {}, set()
     total_bytes = sum((src / shard).stat().st_size for shard in shards)
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantizing", disable=not progress) as bar:
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantizing", disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         for shard in shards:
             output: dict[str, torch.Tensor] = {}
+            in_flight: deque = deque()
             with safe_open(str(src / shard), framework="pt") as handle:
                 for key in handle.keys():
+                    # Tensors are read here, in order; quantizing runs in the workers (torch releases the GIL).
                     tensor = handle.get_tensor(key)
                     size = tensor.numel() * tensor.element_size()
                     totals["parameters"] += tensor.numel()
                     totals["bytes_before"] += size
                     if key in linear_weights:
-                        if tensor.dim() != 2 or not tensor.is_floating_point():
-                            raise CheckpointError(
-                                f"{shard}: {key} should be a float 2-D nn.Linear weight, "
-                                f"got {tensor.dtype} {list(tensor.shape)}"
-                            )
-                        q, scales = quantize_weight(tensor)
-                        module = key.removesuffix(".weight")
-                        output[key] = pack_weight(q, resolve_layout(layout, *q.shape), name=module)
-                        output[key + "_scales"] = scales
+                        _check_linear_weight(shard, key, tensor)
                         totals["quantized_parameters"] += tensor.numel()
                         found.add(key)
+                        in_flight.append((size, pool.submit(_quantize_tensor, key, tensor, layout)))
                     else:
                         output[key] = tensor
+                        bar.update(size)
                     del tensor
-                    bar.update(size)
+                    # A bounded queue keeps memory near one shard however far reading runs ahead.
+                    while len(in_flight) > 2 * workers:
+                        _finish_oldest(in_flight, output, bar)
+                while in_flight:
+                    _finish_oldest(in_flight, output, bar)
+            output = dict(sorted(output.items()))
             for key, tensor in output.items():
                 weight_map[key] = shard
                 totals["bytes_after"] += tensor.numel() * tensor.element_size()
@@ -257,6 +271,25 @@ def _convert_shards(
     totals["weight_map"] = dict(sorted(weight_map.items()))
     totals["found"] = found
     return totals
+
+
+def _finish_oldest(in_flight: deque, output: dict, bar) -> None:
+    size, job = in_flight.popleft()
+    output.update(job.result())
+    bar.update(size)
+
+
+def _check_linear_weight(shard: str, key: str, tensor: torch.Tensor) -> None:
+    if tensor.dim() != 2 or not tensor.is_floating_point():
+        raise CheckpointError(
+            f"{shard}: {key} should be a float 2-D nn.Linear weight, got {tensor.dtype} {list(tensor.shape)}"
+        )
+
+
+def _quantize_tensor(key: str, weight: torch.Tensor, layout: str) -> dict[str, torch.Tensor]:
+    q, scales = quantize_weight(weight)
+    packed = pack_weight(q, resolve_layout(layout, *q.shape), name=key.removesuffix(".weight"))
+    return {key: packed, key + "_scales": scales}
 
 
 def _chmod_like_a_new_folder(path: Path) -> None:
