@@ -1,0 +1,106 @@
+"""What the finetune, generate and eval subcommands share: flags, exit codes, error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import warnings
+from collections.abc import Callable
+
+# Exit codes a script can rely on.
+EXIT_OK = 0
+EXIT_ERROR = 1  # bad input or a missing prerequisite; the message says what to do, nothing was lost
+EXIT_USAGE = 2  # the command line itself is wrong (argparse's own code)
+EXIT_INTERRUPTED = 130  # Ctrl-C; finetune saved a checkpoint to resume from
+
+EXIT_CODES_HELP = (
+    "exit codes: 0 success; 1 bad input or missing package (the message says how to fix it); "
+    "2 wrong command line; 130 interrupted (finetune saves a checkpoint first)."
+)
+
+DTYPE_HELP = (
+    "compute dtype of the non-quantized parts and activations: auto (bfloat16 where the hardware "
+    "computes it natively, such as CPUs with AVX512-BF16 or AMX and most GPUs; float32 otherwise), "
+    "float32, bfloat16 or float16. Default: the adapter's training dtype, else auto"
+)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model_default: str) -> None:
+    """--model, --dtype, --device and --threads, worded the same in every subcommand."""
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help=f"base model: a Hugging Face model folder (with config.json) or a .gguf file, converted once and cached. Default: {model_default}",
+    )
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help=DTYPE_HELP)
+    parser.add_argument(
+        "--device", default=None, metavar="DEVICE", help="cpu, cuda or cuda:N. Default: the GPU if there is one, else the CPU"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, metavar="N", help="CPU threads per process. Default: one per core, shared among torchrun processes"
+    )
+
+
+def add_subcommand(subparsers, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def fail(command: str, message: str) -> int:
+    print(f"eetq-lora {command}: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
+
+
+def handles_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Turn a UserError into its message and exit code 1, and Ctrl-C outside training into code 130."""
+
+    def decorate(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(run)
+        def wrapper(args: argparse.Namespace) -> int:
+            from ..errors import UserError
+
+            # transformers warns when PEFT reads a deprecated alias; it says nothing to our users.
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            try:
+                return run(args)
+            except UserError as error:
+                return fail(command, str(error))
+            except KeyboardInterrupt:
+                print(f"\neetq-lora {command}: interrupted; nothing was saved.", file=sys.stderr, flush=True)
+                return EXIT_INTERRUPTED
+
+        return wrapper
+
+    return decorate
+
+
+def mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB"

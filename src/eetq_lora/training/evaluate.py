@@ -1,0 +1,58 @@
+"""Held-out scoring: mean next-token loss and accuracy over answer tokens."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..data import Encoded, collate
+from .distributed import DistContext
+from .loss import answer_token_stats
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """``loss`` is the mean cross-entropy per answer token (nats); ``accuracy`` the share of answer
+    tokens the model ranks first given the true answer so far (teacher-forced)."""
+
+    loss: float
+    accuracy: float
+    tokens: int
+    examples: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "perplexity": self.perplexity}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    items: Sequence[Encoded],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    context: DistContext = DistContext(),
+) -> EvalResult:
+    """Score ``items``; under torchrun each process takes every world_size-th item and the sums are combined."""
+    if not items:
+        raise ValueError("evaluate got no examples")
+    was_training = model.training
+    model.eval()
+    mine = sorted(items[context.rank :: context.world_size], key=lambda item: len(item.input_ids))
+    nll = tokens = correct = 0.0
+    for start in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in collate(mine[start : start + batch_size], pad_id).items()}
+        stats = answer_token_stats(model, batch)
+        nll += float(stats.nll)
+        tokens += stats.tokens
+        correct += stats.correct
+    nll, tokens, correct = context.sum([nll, tokens, correct], device)
+    model.train(was_training)
+    return EvalResult(loss=nll / tokens, accuracy=correct / tokens, tokens=int(tokens), examples=len(items))

