@@ -149,9 +149,8 @@ class _UnpackWeight(_SharedOp):
             if tensor.dtype != torch.int8 or tuple(tensor.shape) != expected:
                 raise ValueError(
                     f"{full_layer_name}: an EETQ checkpoint stores int8 [in_features, out_features] = "
-                    f"{list(expected)}, "
-                    f"got {tensor.dtype} of shape {list(tensor.shape)}; if this layer was left in float, list it in "
-                    "the quantization_config's modules_to_not_convert"
+                    f"{list(expected)}, got {tensor.dtype} of shape {list(tensor.shape)}; if this layer was "
+                    "left in float, list it in the quantization_config's modules_to_not_convert"
                 )
             layout = resolve_layout(layer.checkpoint_layout, *expected)
             tensor = unpack_weight(tensor, layout, name=module_name)
