@@ -1,0 +1,85 @@
+"""``eetq-lora generate``: answer prompts with the EETQ int8 base model and one or more adapters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import EXIT_OK, add_model_flags, add_subcommand, handles_errors, positive_int
+
+DESCRIPTION = """\
+Load the base model, quantize it to EETQ int8, attach the adapter(s) and answer each PROMPT.
+The base model, dtype and prompt format are the ones the adapter was trained with.
+
+One adapter (or none) prints just the answer. Several --adapter flags, or --base next to an
+adapter, print each answer under a '## name' heading, to compare them on the same prompt.
+
+examples:
+  eetq-lora generate --adapter runs/finetune "How do I reset my password?"
+  eetq-lora generate --base --adapter runs/a --adapter runs/b "Who wrote Hamlet?"
+"""
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = add_subcommand(subparsers, "generate", "answer prompts with an EETQ int8 model and LoRA adapter(s)", DESCRIPTION)
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="the prompt(s) to answer")
+    parser.add_argument("--adapter", action="append", default=[], metavar="DIR", help="adapter folder (a finetune --out); repeat to compare several")
+    parser.add_argument("--base", action="store_true", help="also answer with the quantized base model alone (the default when no --adapter is given)")
+    add_model_flags(parser, "the adapter's base model, else SmolLM2-135M-Instruct (built-in)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="most tokens per answer. Default: 64")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 answers greedily (deterministic); above 0 samples. Default: 0")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling. Default: 0")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per answer: prompt, model, answer")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def generate_answer(model, fmt, tokenizer, prompt: str, max_new_tokens: int, temperature: float) -> str:
+    """The decoded continuation of ``prompt`` in the training prompt format, special tokens removed."""
+    import torch
+
+    device = next(model.parameters()).device
+    prompt_ids = torch.tensor([fmt.prompt_ids(prompt)], dtype=torch.long, device=device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+    return tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@handles_errors("generate")
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import PromptFormat
+    from ..errors import UserError
+    from ..models.adapters import load_for_inference, using
+
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
+    inference = load_for_inference(args.adapter, args.model, args.dtype, args.device, args.threads)
+    tokenizer = inference.loaded.tokenizer
+    fmt = PromptFormat(tokenizer)
+    sources = ([None] if args.base or not inference.adapters else []) + list(inference.adapters)
+    headed = len(sources) > 1
+    for prompt in args.prompts:
+        if headed and not args.json and len(args.prompts) > 1:
+            print(f"# {prompt}")
+        for source in sources:
+            torch.manual_seed(args.seed)
+            label = "base" if source is None else source.label
+            with using(inference.model, source) as model:
+                answer = generate_answer(model, fmt, tokenizer, prompt, args.max_new_tokens, args.temperature)
+            if args.json:
+                print(json.dumps({"prompt": prompt, "model": label, "answer": answer}), flush=True)
+            elif headed:
+                print(f"## {label}\n{answer}\n", flush=True)
+            else:
+                print(answer, flush=True)
+    return EXIT_OK
