@@ -7,7 +7,16 @@ any device; ``disable_transformers()`` restores transformers' own (CUDA-only) qu
 
 from ._compat import is_eetq_available
 from .integrations import disable_transformers, enable_transformers, mark_eetq_quantized
-from .lora import EetqLoraLinear, add_adapter, dispatch_eetq, get_peft_model, load_adapter, register_eetq
+from .lora import (
+    EetqLoraLinear,
+    ExportReport,
+    add_adapter,
+    dispatch_eetq,
+    export_merged,
+    get_peft_model,
+    load_adapter,
+    register_eetq,
+)
 from .quant import EetqLinear, dequantize_weight, quantize_model, quantize_weight, set_checkpoint_layout
 
 enable_transformers()
@@ -22,6 +31,8 @@ __all__ = [
     "disable_transformers",
     "dispatch_eetq",
     "enable_transformers",
+    "export_merged",
+    "ExportReport",
     "get_peft_model",
     "is_eetq_available",
     "load_adapter",

@@ -234,3 +234,24 @@ def test_lora_bias_trains_saves_and_loads(tmp_path):
     ids = token_batch()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_export_merged_requantized_is_an_eetq_checkpoint_with_its_error_reported(tmp_path):
+    from eetq_lora import quantize_weight
+
+    model = quantized_with_two_adapters()
+    float_report = export_merged(model, tmp_path / "float", dtype=torch.float32)
+    report = export_merged(model, tmp_path / "int8", requantize=True)
+    assert report.requantized and float_report.overall_error is None
+    assert len(report.layer_errors) == 14 and 0 < report.overall_error < 0.02
+    float_merged = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
+    assert loaded.config.quantization_config.quant_method == "eetq"
+    name = "model.layers.0.self_attn.q_proj"
+    layer = loaded.get_submodule(name)
+    assert isinstance(layer, EetqLinear)
+    merged_weight = float_merged.get_submodule(name).weight
+    q, scales = quantize_weight(merged_weight)
+    assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scales, scales)
+    relative = (layer.dequantize(torch.float32) - merged_weight).norm() / merged_weight.norm()
+    assert abs(relative.item() - report.layer_errors[name]) < 1e-6

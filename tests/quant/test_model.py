@@ -30,11 +30,34 @@ def test_converts_every_linear_but_lm_head_in_place():
 
 def test_modules_to_not_convert_matches_suffixes_and_subtrees():
     model = tiny_llama()
-    quantize_model(model, modules_to_not_convert=("lm_head", "mlp", "layers.0.self_attn.q_proj"))
+    quantize_model(model, modules_to_not_convert=("lm_head", "model.layers.1.mlp", "layers.0.self_attn.q_proj"))
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     assert isinstance(model.model.layers[1].self_attn.q_proj, EetqLinear)
-    assert all(type(layer.mlp.down_proj) is nn.Linear for layer in model.model.layers)
-    assert is_skipped("model.lm_head", ["lm_head"]) and not is_skipped("model.lm_head_x", ["lm_head"])
+    assert isinstance(model.model.layers[0].mlp.down_proj, EetqLinear)
+    mlp = model.model.layers[1].mlp
+    assert all(type(linear) is nn.Linear for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    assert is_skipped("model.lm_head", ["lm_head"]) and not is_skipped("model.layers.11.mlp", ["model.layers.1"])
+
+
+def test_saved_quantized_model_reloads_with_the_same_layers_quantized(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = quantize_model(tiny_llama(), modules_to_not_convert=("lm_head", "model.layers.1.mlp"))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, EetqLinear))}
+    assert kinds == {name: type(m) for name, m in reloaded.named_modules() if isinstance(m, (nn.Linear, EetqLinear))}
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_multihead_attention_projection_stays_float():
+    model = nn.Sequential(nn.Linear(8, 8))
+    model.add_module("attention", nn.MultiheadAttention(8, 2))
+    quantize_model(model)
+    assert isinstance(model[0], EetqLinear)
+    assert type(model.attention.out_proj) is not EetqLinear
 
 
 def test_float_weights_are_released():

@@ -6,6 +6,9 @@ import logging
 from collections.abc import Iterable
 
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from transformers import PreTrainedModel
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .linear import EetqLinear
 
@@ -13,17 +16,19 @@ logger = logging.getLogger("eetq_lora")
 
 
 def is_skipped(module_name: str, modules_to_not_convert: Iterable[str]) -> bool:
-    """Whether ``module_name`` matches an entry of ``modules_to_not_convert``.
+    """Whether ``module_name`` matches an entry of ``modules_to_not_convert``, by transformers' rules.
 
-    An entry matches the module of that exact name, any module whose dotted path ends with it
-    (``"lm_head"`` matches ``"model.lm_head"``) and everything below a matched module.
+    The same rules as transformers' loader, so a saved model reloads with the same layers
+    quantized: an entry matches from the start of the name up to a module boundary (its whole
+    subtree), as a regex with that boundary, or as a suffix (``"lm_head"`` matches
+    ``"model.lm_head"``).
     """
-    for skip in modules_to_not_convert:
-        if module_name == skip or module_name.endswith("." + skip):
-            return True
-        if module_name.startswith(skip + ".") or ("." + skip + ".") in module_name:
-            return True
-    return False
+    return not should_convert_module(module_name, list(modules_to_not_convert))
+
+
+def _is_convertible(module: nn.Module) -> bool:
+    # nn.MultiheadAttention reads its out_proj weight directly, so that Linear subclass must stay float.
+    return isinstance(module, nn.Linear) and not isinstance(module, NonDynamicallyQuantizableLinear)
 
 
 def _tensor_bytes(module: nn.Module) -> int:
@@ -34,12 +39,12 @@ def quantize_model(model: nn.Module, modules_to_not_convert: Iterable[str] = ("l
     """Replace every ``nn.Linear`` of ``model`` (except ``modules_to_not_convert``) by an EetqLinear, in place.
 
     The float weights are released layer by layer; the model is returned. Logs how many layers
-    were converted and how many bytes that saved.
+    were converted and how many bytes that saved. A transformers model is also marked as
+    EETQ-quantized, so its ``save_pretrained`` writes an EETQ checkpoint that ``from_pretrained``
+    reads back.
     """
     skips = tuple(modules_to_not_convert or ())
-    names = [
-        name for name, module in model.named_modules() if type(module) is nn.Linear and not is_skipped(name, skips)
-    ]
+    names = [name for name, module in model.named_modules() if _is_convertible(module) and not is_skipped(name, skips)]
     bytes_before = bytes_after = 0
     for name in names:
         linear = model.get_submodule(name)
@@ -47,8 +52,14 @@ def quantize_model(model: nn.Module, modules_to_not_convert: Iterable[str] = ("l
         quantized = EetqLinear.from_linear(linear)
         bytes_after += _tensor_bytes(quantized)
         model.set_submodule(name, quantized)
-    # The marker transformers' own quantizers set; PEFT's prepare_model_for_kbit_training reads it.
-    model.quantization_method = "eetq"
+    if names and isinstance(model, PreTrainedModel):
+        # save_pretrained then writes an EETQ checkpoint, and PEFT/Trainer see an EETQ model.
+        from ..integrations import mark_eetq_quantized
+
+        mark_eetq_quantized(model, skips)
+    elif names:
+        # The marker transformers' quantizers set; PEFT's prepare_model_for_kbit_training reads it.
+        model.quantization_method = "eetq"
     logger.info(
         "eetq_lora: converted %d linear layers to EETQ int8, %.1f MiB -> %.1f MiB (saved %.1f MiB)",
         len(names),
