@@ -14,7 +14,9 @@ LAYOUTS = ["in_out", "out_in"]
 EXACT = 1e-5
 BF16 = 1.6e-2
 
-needs_native = pytest.mark.skipif(not native.is_available(), reason=f"no compiled kernels: {native.status().get('reason')}")
+needs_native = pytest.mark.skipif(
+    not native.is_available(), reason=f"no compiled kernels: {native.status().get('reason')}"
+)
 
 
 @needs_native
@@ -40,7 +42,9 @@ def test_stream_kernels_read_strided_activations():
     x = torch.randn(6, 300)[::2, 50:150]
     grad = torch.randn(37, 6).t()
     assert relative_error(cpu.stream_forward(x, qweight, scales), float64_forward(x, qweight, scales)) < EXACT
-    assert relative_error(cpu.stream_grad_input(grad, qweight, scales), float64_grad_input(grad, qweight, scales)) < EXACT
+    assert (
+        relative_error(cpu.stream_grad_input(grad, qweight, scales), float64_grad_input(grad, qweight, scales)) < EXACT
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -69,7 +73,9 @@ def test_tiled_paths_agree_with_reference_path(compute):
     grad = torch.randn(33, 320)
     tolerance = dict(rtol=1e-5, atol=1e-5) if compute == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
     torch.testing.assert_close(
-        cpu.tiled_forward(x, qweight, scales, compute).float(), reference.forward(x, qweight, scales, compute).float(), **tolerance
+        cpu.tiled_forward(x, qweight, scales, compute).float(),
+        reference.forward(x, qweight, scales, compute).float(),
+        **tolerance,
     )
     torch.testing.assert_close(
         cpu.tiled_grad_input(grad, qweight, scales, compute).float(),

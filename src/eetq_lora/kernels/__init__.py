@@ -87,7 +87,12 @@ def select_path(device_type: str, compute: torch.dtype, rows: int, qweight: torc
     if device_type == "cpu":
         if native.is_available():
             return "cpu-stream" if rows <= STREAM_MAX_ROWS.get((op, compute), 0) else "cpu-tiled"
-        if op == "forward" and compute == torch.bfloat16 and rows <= INT8PACK_MAX_ROWS and cpu.int8pack_supported(qweight):
+        if (
+            op == "forward"
+            and compute == torch.bfloat16
+            and rows <= INT8PACK_MAX_ROWS
+            and cpu.int8pack_supported(qweight)
+        ):
             return "cpu-int8pack"
         return "cpu-tiled"
     if device_type == "cuda" and compute in (torch.float16, torch.bfloat16) and _triton_usable():
@@ -104,8 +109,9 @@ def _run_triton(op: str, a: torch.Tensor, qweight: torch.Tensor, scales: torch.T
         return triton_kernels.grad_input(a.to(compute), qweight, scales)
     except Exception as error:  # noqa: BLE001 - a GPU Triton cannot compile for must not break training
         _triton_failed.append(str(error))
+        first_line = str(error).splitlines()[0] if str(error) else ""
         warnings.warn(
-            f"eetq_lora: the Triton int8 kernel failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"eetq_lora: the Triton int8 kernel failed ({type(error).__name__}: {first_line}); "
             "using the reference path from now on",
             RuntimeWarning,
             stacklevel=3,
@@ -113,7 +119,9 @@ def _run_triton(op: str, a: torch.Tensor, qweight: torch.Tensor, scales: torch.T
         return None
 
 
-def matmul_forward(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype | None = None) -> torch.Tensor:
+def matmul_forward(
+    x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype | None = None
+) -> torch.Tensor:
     """y [M, out] = x2d [M, in] @ dequantized Wt, returned in x2d's dtype (not differentiable)."""
     compute = compute or compute_dtype_for(x2d)
     path = select_path(x2d.device.type, compute, x2d.shape[0], qweight, "forward")
@@ -130,7 +138,9 @@ def matmul_forward(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return out.to(x2d.dtype)
 
 
-def matmul_grad_input(grad2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype | None = None) -> torch.Tensor:
+def matmul_grad_input(
+    grad2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype | None = None
+) -> torch.Tensor:
     """dx [M, in] = grad2d [M, out] @ dequantized W, returned in grad2d's dtype (not differentiable)."""
     compute = compute or compute_dtype_for(grad2d)
     path = select_path(grad2d.device.type, compute, grad2d.shape[0], qweight, "grad_input")
@@ -160,7 +170,9 @@ class _Int8LinearFunction(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """EETQ linear on activations of any leading shape; differentiable in ``x`` (and ``bias`` if it trains)."""
     if not torch.is_floating_point(x) or x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"EetqLinear expects float16, bfloat16 or float32 input, got {x.dtype}")

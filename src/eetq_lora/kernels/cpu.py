@@ -127,7 +127,9 @@ def tiled_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return out
 
 
-def tiled_grad_input(grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def tiled_grad_input(
+    grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """``grad [M, out] @ W`` as ``dtype`` GEMMs on dequantized tiles of input channels."""
     q, rows_are_outputs = weight_rows(qweight)
     in_features, out_features = qweight.shape

@@ -83,7 +83,10 @@ def cache_dir() -> Path:
 
 
 def _writable_cache_dir() -> Path:
-    for candidate in (cache_dir(), Path(tempfile.gettempdir()) / f"eetq_lora-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+    for candidate in (
+        cache_dir(),
+        Path(tempfile.gettempdir()) / f"eetq_lora-{os.getuid() if hasattr(os, 'getuid') else 0}",
+    ):
         try:
             candidate.mkdir(parents=True, exist_ok=True)
             if os.access(candidate, os.W_OK):
@@ -152,7 +155,9 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _warn(reason: str) -> None:
-    warnings.warn(f"eetq_lora: {reason}; CPU int8 matmuls fall back to slower pure-torch paths", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"eetq_lora: {reason}; CPU int8 matmuls fall back to slower pure-torch paths", RuntimeWarning, stacklevel=3
+    )
 
 
 def library() -> ctypes.CDLL | None:
@@ -188,39 +193,79 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def rowdot(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None) -> torch.Tensor:
-    """``a [M, C] @ dequant(q [R, C])^T`` in float32: ``out[m, r] = row_scale[r] * sum_c a[m, c] col_scale[c] q[r, c]``."""
+def rowdot(
+    a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """``a [M, C] @ dequant(q [R, C])^T`` in float32.
+
+    ``out[m, r] = row_scale[r] * sum_c a[m, c] * col_scale[c] * q[r, c]`` (a missing scale is 1).
+    """
     lib = library()
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
     out = torch.empty(m, r, dtype=torch.float32)
     status_code = lib.eetq_rowdot(
-        a.data_ptr(), m, a.stride(0), q.data_ptr(), r, c, q.stride(0),
-        _ptr(row_scale), _ptr(col_scale), out.data_ptr(), r, torch.get_num_threads(),
+        a.data_ptr(),
+        m,
+        a.stride(0),
+        q.data_ptr(),
+        r,
+        c,
+        q.stride(0),
+        _ptr(row_scale),
+        _ptr(col_scale),
+        out.data_ptr(),
+        r,
+        torch.get_num_threads(),
     )
     if status_code != 0:
         raise MemoryError("eetq_lora: the CPU rowdot kernel could not allocate its workspace")
     return out
 
 
-def rowaxpy(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None) -> torch.Tensor:
-    """``a [M, R] @ dequant(q [R, C])`` in float32: ``out[m, c] = col_scale[c] * sum_r a[m, r] row_scale[r] q[r, c]``."""
+def rowaxpy(
+    a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """``a [M, R] @ dequant(q [R, C])`` in float32.
+
+    ``out[m, c] = col_scale[c] * sum_r a[m, r] * row_scale[r] * q[r, c]`` (a missing scale is 1).
+    """
     lib = library()
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
     out = torch.empty(m, c, dtype=torch.float32)
     status_code = lib.eetq_rowaxpy(
-        a.data_ptr(), m, a.stride(0), q.data_ptr(), r, c, q.stride(0),
-        _ptr(row_scale), _ptr(col_scale), out.data_ptr(), c, torch.get_num_threads(),
+        a.data_ptr(),
+        m,
+        a.stride(0),
+        q.data_ptr(),
+        r,
+        c,
+        q.stride(0),
+        _ptr(row_scale),
+        _ptr(col_scale),
+        out.data_ptr(),
+        c,
+        torch.get_num_threads(),
     )
     if status_code != 0:
         raise MemoryError("eetq_lora: the CPU rowaxpy kernel could not allocate its workspace")
     return out
 
 
-def dequantize_into(out: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None) -> None:
+def dequantize_into(
+    out: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None
+) -> None:
     """``out[r, c] = q[r, c] * row_scale[r] * col_scale[c]``, rounded once into ``out`` (float32 or bfloat16)."""
     lib = library()
     r, c = q.shape
     lib.eetq_dequant(
-        q.data_ptr(), q.stride(0), r, c, _ptr(row_scale), _ptr(col_scale),
-        out.data_ptr(), out.stride(0), int(out.dtype == torch.bfloat16), torch.get_num_threads(),
+        q.data_ptr(),
+        q.stride(0),
+        r,
+        c,
+        _ptr(row_scale),
+        _ptr(col_scale),
+        out.data_ptr(),
+        out.stride(0),
+        int(out.dtype == torch.bfloat16),
+        torch.get_num_threads(),
     )

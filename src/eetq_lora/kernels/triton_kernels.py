@@ -57,11 +57,27 @@ if triton is not None:
 
     @triton.jit
     def _w8_matmul_kernel(
-        a_ptr, q_ptr, s_ptr, c_ptr,
-        M, P, R, r_per_split,
-        stride_am, stride_ar, stride_qr, stride_qp, stride_cs, stride_cm, stride_cp,
-        SCALE_ROWS: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+        a_ptr,
+        q_ptr,
+        s_ptr,
+        c_ptr,
+        M,
+        P,
+        R,
+        r_per_split,
+        stride_am,
+        stride_ar,
+        stride_qr,
+        stride_qp,
+        stride_cs,
+        stride_cm,
+        stride_cp,
+        SCALE_ROWS: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -174,12 +190,29 @@ def w8_matmul(
     stride_cm, stride_cp = out.stride(-2), out.stride(-1)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(p, config.block_p), split)
     _w8_matmul_kernel[grid](
-        a, qweight, scales, out,
-        m, p, r, r_per_split,
-        a.stride(0), a.stride(1), stride_qr, stride_qp, stride_cs, stride_cm, stride_cp,
-        SCALE_ROWS=not reduce_over_inputs, DOT_FP32=_needs_fp32_dot(a),
-        BLOCK_M=config.block_m, BLOCK_P=config.block_p, BLOCK_R=config.block_r, GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        a,
+        qweight,
+        scales,
+        out,
+        m,
+        p,
+        r,
+        r_per_split,
+        a.stride(0),
+        a.stride(1),
+        stride_qr,
+        stride_qp,
+        stride_cs,
+        stride_cm,
+        stride_cp,
+        SCALE_ROWS=not reduce_over_inputs,
+        DOT_FP32=_needs_fp32_dot(a),
+        BLOCK_M=config.block_m,
+        BLOCK_P=config.block_p,
+        BLOCK_R=config.block_r,
+        GROUP_M=config.group_m,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out if split == 1 else out.sum(dim=0).to(a.dtype)
 
