@@ -53,3 +53,16 @@ def test_empty_batch_and_bad_dtype():
     assert triton_kernels.forward(torch.zeros(0, 64).half(), qweight, scales).shape == (0, 48)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         triton_kernels.forward(torch.zeros(2, 64), qweight, scales)
+
+
+def test_config_choice_fills_the_gpu_and_fits_pre_ampere(monkeypatch):
+    device = torch.device("cpu")
+    small = triton_kernels.choose_config(1, 4096, 4096, device)
+    # 64 output tiles for 4 processors already fill them: no split.
+    assert small.block_m == 16 and small.split == 1
+    narrow = triton_kernels.choose_config(1, 64, 4096, device)
+    assert narrow.split == 16
+    big = triton_kernels.choose_config(2048, 4096, 4096, device)
+    assert big.block_m == 128 and big.split == 1 and big.num_stages == 3
+    monkeypatch.setattr(triton_kernels, "_capability", lambda device: (7, 5))
+    assert triton_kernels.choose_config(2048, 4096, 4096, device).num_stages == 2

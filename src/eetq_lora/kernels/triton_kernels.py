@@ -123,6 +123,10 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
 
 
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+
+
 def _processor_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -140,7 +144,9 @@ def choose_config(m: int, p: int, r: int, device: torch.device) -> Config:
     programs = triton.cdiv(m, base.block_m) * triton.cdiv(p, base.block_p)
     wanted = 4 * _processor_count(device)
     split = max(1, min(triton.cdiv(wanted, programs), triton.cdiv(r, base.block_r), 32))
-    return Config(base.block_m, base.block_p, base.block_r, split, base.num_warps, base.num_stages, base.group_m)
+    # Pre-Ampere GPUs have 64 KiB of shared memory per block and no asynchronous copies to pipeline.
+    stages = 2 if _capability(device) < (8, 0) else base.num_stages
+    return Config(base.block_m, base.block_p, base.block_r, split, base.num_warps, stages, base.group_m)
 
 
 def _needs_fp32_dot(a: torch.Tensor) -> bool:
@@ -149,7 +155,7 @@ def _needs_fp32_dot(a: torch.Tensor) -> bool:
     if a.device.type != "cuda":
         # Triton's interpreter computes bfloat16 dots on the raw bits; float32 dots are right.
         return True
-    return torch.cuda.get_device_capability(a.device) < (8, 0)
+    return _capability(a.device) < (8, 0)
 
 
 def w8_matmul(
