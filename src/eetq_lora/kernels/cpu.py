@@ -34,9 +34,10 @@ def _is_row_major(t: torch.Tensor) -> bool:
 def weight_rows(qweight: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """A view of the int8 weight whose columns are adjacent in memory, and whether its rows are outputs.
 
-    Returns ``(W, True)`` with ``W = qweight.t()`` [out, in] when that is row-major (how
-    ``EetqLinear`` keeps it), else ``(qweight, False)`` when ``qweight`` [in, out] itself is, else
-    a row-major copy of ``W`` (only for exotic strides).
+    Returns ``(W, True)`` with ``W = qweight.t()`` [out, in] when that is row-major (a weight
+    stored nn.Linear-style), else ``(qweight, False)`` when ``qweight`` [in, out] itself is (how
+    ``EetqLinear`` stores it), else a row-major copy of ``W`` (only for exotic strides). Either
+    layout streams: each op has a kernel for both orientations (``rowdot`` and ``rowaxpy``).
     """
     w = qweight.t()
     if _is_row_major(w):
