@@ -37,6 +37,36 @@ def test_stream_kernels_match_float64(shape, layout, rows, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_stream_kernels_in_bfloat16_compute_match_float64(shape, layout, rows):
+    qweight, scales = int8_weight(*shape, layout)
+    x = torch.randn(rows, shape[0]).bfloat16()
+    grad = torch.randn(rows, shape[1]).bfloat16()
+    y = cpu.stream_forward(x, qweight, scales, torch.bfloat16)
+    dx = cpu.stream_grad_input(grad, qweight, scales, torch.bfloat16)
+    # bfloat16 activations are exact in the forward; the gradient rounds grad * scale once.
+    assert relative_error(y, float64_forward(x, qweight, scales)) < EXACT
+    assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < BF16
+
+
+@pytest.mark.skipif(not native.has_bf16_dot(), reason="no AVX512-BF16 build")
+@pytest.mark.parametrize("shape", [(64, 48), (101, 37), (2, 33), (3, 64), (256, 320)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
+def test_bfloat16_dot_kernels_are_exact_for_bfloat16_activations(shape, rows):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
+    row_scale, col_scale = torch.rand(shape[0]) + 0.5, torch.rand(shape[1]) + 0.5
+    a = torch.randn(rows, shape[1]).bfloat16()
+    expected = (a.double() @ q.double().t()) * row_scale.double()
+    assert relative_error(native.rowdot_bf16(a, q, row_scale), expected) < EXACT
+    a = torch.randn(rows, shape[0]).bfloat16()
+    expected = (a.double() @ q.double()) * col_scale.double()
+    assert relative_error(native.rowaxpy_bf16(a, q, col_scale), expected) < EXACT
+
+
+@needs_native
 def test_stream_kernels_read_strided_activations():
     qweight, scales = int8_weight(100, 37)
     x = torch.randn(6, 300)[::2, 50:150]

@@ -7,6 +7,7 @@ import eetq_lora.kernels as kernels
 from eetq_lora.kernels import (
     INT8PACK_MAX_ROWS,
     STREAM_MAX_ROWS,
+    STREAM_MAX_ROWS_FLOAT32_KERNELS,
     compute_dtype,
     cpu,
     int8_linear,
@@ -30,10 +31,20 @@ needs_native = pytest.mark.skipif(not native.is_available(), reason="no compiled
 @pytest.mark.parametrize("op", ["forward", "grad_input"])
 def test_cpu_rows_threshold_separates_stream_and_tiled(compute, op):
     qweight, _ = int8_weight(64, 48)
-    limit = STREAM_MAX_ROWS[(op, compute)]
+    limit = kernels._stream_limit(op, compute)
+    assert limit in (STREAM_MAX_ROWS[(op, compute)], STREAM_MAX_ROWS_FLOAT32_KERNELS.get((op, compute)))
     assert select_path("cpu", compute, 1, qweight, op) == "cpu-stream"
     assert select_path("cpu", compute, limit, qweight, op) == "cpu-stream"
     assert select_path("cpu", compute, limit + 1, qweight, op) == "cpu-tiled"
+
+
+@needs_native
+def test_bfloat16_gradients_leave_streaming_sooner_without_bf16_dot_products(monkeypatch):
+    monkeypatch.setattr(native, "has_bf16_dot", lambda: False)
+    qweight, _ = int8_weight(64, 48)
+    assert select_path("cpu", torch.bfloat16, 8, qweight, "grad_input") == "cpu-stream"
+    assert select_path("cpu", torch.bfloat16, 9, qweight, "grad_input") == "cpu-tiled"
+    assert select_path("cpu", torch.bfloat16, 32, qweight, "forward") == "cpu-stream"
 
 
 def test_without_compiled_kernels_cpu_uses_torch_paths(monkeypatch):

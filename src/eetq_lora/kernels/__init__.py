@@ -10,9 +10,10 @@ a backward pass uses the compute dtype of its forward.
 
 Paths, by device, compute dtype and M (rows of the 2-D activation or gradient):
 
-- ``cpu-stream``: CPU, M <= ``STREAM_MAX_ROWS[op, compute dtype]`` (8 to 128). Compiled kernels
-  stream the int8 weight once and accumulate in float32, so they are at least as exact as any
-  compute dtype.
+- ``cpu-stream``: CPU, M <= ``STREAM_MAX_ROWS[op, compute dtype]`` (32 to 128). Compiled kernels
+  stream the int8 weight once and accumulate in float32: from exact activations for float32
+  compute (and for M < 4), from bfloat16 activations with the CPU's bfloat16 dot products for
+  bfloat16 compute.
 - ``cpu-tiled``: CPU, larger M. A few MiB of the weight at a time is dequantized into a reused
   buffer of the compute dtype, then that dtype's GEMM runs on it.
 - ``cpu-int8pack``: CPU without a C compiler, bfloat16 forward, M <= ``INT8PACK_MAX_ROWS``, a
@@ -54,10 +55,12 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # float32-FMA streaming kernels stay ahead much longer.
 STREAM_MAX_ROWS = {
     ("forward", torch.bfloat16): 32,
-    ("grad_input", torch.bfloat16): 8,
+    ("grad_input", torch.bfloat16): 32,
     ("forward", torch.float32): 128,
     ("grad_input", torch.float32): 128,
 }
+# Without the bfloat16 dot-product kernels (no AVX512-BF16), bfloat16 gradients leave sooner.
+STREAM_MAX_ROWS_FLOAT32_KERNELS = {("grad_input", torch.bfloat16): 8}
 INT8PACK_MAX_ROWS = 16
 
 _triton_failed: list[str] = []
@@ -80,13 +83,19 @@ def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
     return resolve_compute_dtype(x.dtype, x.device.type)
 
 
+def _stream_limit(op: str, compute: torch.dtype) -> int:
+    if not native.has_bf16_dot() and (op, compute) in STREAM_MAX_ROWS_FLOAT32_KERNELS:
+        return STREAM_MAX_ROWS_FLOAT32_KERNELS[(op, compute)]
+    return STREAM_MAX_ROWS.get((op, compute), 0)
+
+
 def select_path(device_type: str, compute: torch.dtype, rows: int, qweight: torch.Tensor, op: str = "forward") -> str:
     """Name of the path that runs ``op`` (``"forward"`` or ``"grad_input"``) for these operands."""
     if _force_reference():
         return "reference"
     if device_type == "cpu":
         if native.is_available():
-            return "cpu-stream" if rows <= STREAM_MAX_ROWS.get((op, compute), 0) else "cpu-tiled"
+            return "cpu-stream" if rows <= _stream_limit(op, compute) else "cpu-tiled"
         if (
             op == "forward"
             and compute == torch.bfloat16
@@ -126,7 +135,7 @@ def matmul_forward(
     compute = compute or compute_dtype_for(x2d)
     path = select_path(x2d.device.type, compute, x2d.shape[0], qweight, "forward")
     if path == "cpu-stream":
-        out = cpu.stream_forward(x2d, qweight, scales)
+        out = cpu.stream_forward(x2d, qweight, scales, compute)
     elif path == "cpu-tiled":
         out = cpu.tiled_forward(x2d, qweight, scales, compute)
     elif path == "cpu-int8pack":
@@ -145,7 +154,7 @@ def matmul_grad_input(
     compute = compute or compute_dtype_for(grad2d)
     path = select_path(grad2d.device.type, compute, grad2d.shape[0], qweight, "grad_input")
     if path == "cpu-stream":
-        out = cpu.stream_grad_input(grad2d, qweight, scales)
+        out = cpu.stream_grad_input(grad2d, qweight, scales, compute)
     elif path == "cpu-tiled":
         out = cpu.tiled_grad_input(grad2d, qweight, scales, compute)
     else:

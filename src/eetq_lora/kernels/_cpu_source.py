@@ -4,7 +4,7 @@ Kept as a Python string so that every install (wheel, sdist, editable) carries i
 package-data configuration.
 """
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 SOURCE = r"""
 /* eetq_lora CPU kernels. q is an int8 matrix [R, C] with unit column stride and row stride ldq;
@@ -31,7 +31,19 @@ typedef float vf __attribute__((vector_size(64)));
    column tile sweeps them; the next panel is prefetched meanwhile. */
 #define PANEL_BYTES 262144
 
-int eetq_abi_version(void) { return 1; }
+int eetq_abi_version(void) { return 2; }
+
+#if defined(EETQ_AVX512) && defined(__AVX512BF16__)
+#define EETQ_BF16_DOT 1
+#endif
+
+int eetq_has_bf16_dot(void) {
+#ifdef EETQ_BF16_DOT
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 int eetq_has_openmp(void) {
 #ifdef _OPENMP
@@ -282,4 +294,183 @@ void eetq_dequant(const int8_t* q, int64_t ldq, int64_t R, int64_t C, const floa
         }
     }
 }
+
+#ifdef EETQ_BF16_DOT
+/* bfloat16 variants for M >= 8 with bfloat16 activations: VDPBF16PS does two multiply-adds per
+   lane, and int8 converts to bfloat16 exactly, so only the activations' rounding differs from the
+   float32 kernels. Weights are converted once per 8 activation rows. */
+
+static float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+INLINE void rowdot16_block(int MB, const uint16_t* a, int64_t lda, const int8_t* q, int64_t ldq, int64_t C,
+                           const float* row_scale, float* out, int64_t ldo, int64_t r0, int64_t m0) {
+    __m512 acc[2][8];
+    for (int r = 0; r < 2; r++)
+        for (int i = 0; i < MB; i++) acc[r][i] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= C; c += 32) {
+        __m512bh w[2];
+        for (int r = 0; r < 2; r++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i*)(q + (r0 + r) * ldq + c));
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+            w[r] = _mm512_cvtne2ps_pbh(hi, lo);
+        }
+        for (int i = 0; i < MB; i++) {
+            __m512bh x = (__m512bh)_mm512_loadu_si512((const void*)(a + (m0 + i) * lda + c));
+            for (int r = 0; r < 2; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], x, w[r]);
+        }
+    }
+    for (int r = 0; r < 2; r++)
+        for (int i = 0; i < MB; i++) {
+            float t = _mm512_reduce_add_ps(acc[r][i]);
+            for (int64_t cc = c; cc < C; cc++) {
+                uint32_t bits = (uint32_t)a[(m0 + i) * lda + cc] << 16;
+                float x;
+                memcpy(&x, &bits, 4);
+                t += x * (float)q[(r0 + r) * ldq + cc];
+            }
+            out[(m0 + i) * ldo + r0 + r] = row_scale ? t * row_scale[r0 + r] : t;
+        }
+}
+
+/* out[m, r] = row_scale[r] * sum_c a[m, c] * q[r, c] with bfloat16 activations a (raw bits). */
+void eetq_rowdot_bf16(const uint16_t* a, int64_t M, int64_t lda, const int8_t* q, int64_t R, int64_t C, int64_t ldq,
+                      const float* row_scale, float* out, int64_t ldo, int nthreads) {
+    int64_t blocks = R / 2;
+    #pragma omp parallel for schedule(static) num_threads(thread_count(nthreads))
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t r0 = 2 * b;
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            switch ((int)MIN(8, M - m0)) {
+            case 8: rowdot16_block(8, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+            case 7: rowdot16_block(7, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+            case 6: rowdot16_block(6, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+            case 5: rowdot16_block(5, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+            case 4: rowdot16_block(4, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+            case 3: rowdot16_block(3, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+            case 2: rowdot16_block(2, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+            default: rowdot16_block(1, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+            }
+        }
+    }
+    if (R % 2)
+        for (int64_t m = 0; m < M; m++) {
+            float t = 0.f;
+            for (int64_t c = 0; c < C; c++) t += bf16_to_float(a[m * lda + c]) * (float)q[(R - 1) * ldq + c];
+            out[m * ldo + R - 1] = row_scale ? t * row_scale[R - 1] : t;
+        }
+}
+
+/* acc[i, c0 + j] (+)= sum over row pairs p of gp[i, p] . (q[2p, c0 + j], q[2p + 1, c0 + j]). */
+INLINE void axpy16_tile(int MB, const uint32_t* gp, int64_t ldgp, const int8_t* q, int64_t ldq, int64_t p0, int64_t p1,
+                        int64_t c0, float* acc, int64_t ldacc, int first) {
+    __m512 s[8][2];
+    for (int i = 0; i < MB; i++)
+        for (int v = 0; v < 2; v++)
+            s[i][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + i * ldacc + c0 + 16 * v);
+    for (int64_t p = p0; p < p1; p++) {
+        const int8_t* row = q + 2 * p * ldq + c0;
+        __m512bh w[2];
+        for (int v = 0; v < 2; v++) {
+            __m128i x0 = _mm_loadu_si128((const __m128i*)(row + 16 * v));
+            __m128i x1 = _mm_loadu_si128((const __m128i*)(row + ldq + 16 * v));
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi8(x0, x1)));
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpackhi_epi8(x0, x1)));
+            w[v] = _mm512_cvtne2ps_pbh(hi, lo);
+        }
+        for (int i = 0; i < MB; i++) {
+            __m512bh g = (__m512bh)_mm512_set1_epi32((int)gp[i * ldgp + p]);
+            for (int v = 0; v < 2; v++) s[i][v] = _mm512_dpbf16_ps(s[i][v], g, w[v]);
+        }
+    }
+    for (int i = 0; i < MB; i++)
+        for (int v = 0; v < 2; v++) _mm512_storeu_ps(acc + i * ldacc + c0 + 16 * v, s[i][v]);
+}
+
+/* out[m, c] = col_scale[c] * sum_r a[m, r] * q[r, c] with bfloat16 activations a (raw bits). */
+int eetq_rowaxpy_bf16(const uint16_t* a, int64_t M, int64_t lda, const int8_t* q, int64_t R, int64_t C, int64_t ldq,
+                      const float* col_scale, float* out, int64_t ldo, int nthreads) {
+    int T = thread_count(nthreads);
+    int64_t pairs = R / 2;
+    size_t partial_size = (size_t)T * M * C, gp_size = (size_t)M * (pairs > 0 ? pairs : 1);
+    float* partial = (float*)malloc(sizeof(float) * (partial_size > 0 ? partial_size : 1));
+    uint32_t* gp = (uint32_t*)malloc(sizeof(uint32_t) * gp_size);
+    if (!partial || !gp) {
+        free(partial);
+        free(gp);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t p = 0; p < pairs; p++)
+            gp[m * pairs + p] = (uint32_t)a[m * lda + 2 * p] | ((uint32_t)a[m * lda + 2 * p + 1] << 16);
+    int64_t panel = PANEL_BYTES / (2 * (C > 0 ? C : 1));
+    if (panel < 2) panel = 2;
+    #pragma omp parallel num_threads(T)
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        int t = 0, nt = 1;
+#endif
+        float* acc = partial + (int64_t)t * M * C;
+        int64_t pa = pairs * t / nt, pb = pairs * (t + 1) / nt;
+        memset(acc, 0, sizeof(float) * M * C);
+        int64_t full_end = C / 32 * 32;
+        for (int64_t p0 = pa; p0 < pb; p0 += panel) {
+            int64_t p1 = MIN(pb, p0 + panel);
+            /* Spread prefetches of the next panel over this panel's column tiles. */
+            const int8_t* pf = q + 2 * p1 * ldq;
+            const int8_t* pf_end = q + 2 * MIN(pb, p1 + panel) * ldq;
+            int64_t per_tile = full_end > 0 ? ((pf_end - pf) / (full_end / 32) + 63) / 64 : 0;
+            for (int64_t c0 = 0; c0 < full_end; c0 += 32) {
+                for (int64_t l = 0; l < per_tile && pf < pf_end; l++, pf += 64) __builtin_prefetch(pf, 0, 2);
+                for (int64_t m0 = 0; m0 < M; m0 += 8) {
+                    const uint32_t* g = gp + m0 * pairs;
+                    float* am = acc + m0 * C;
+                    switch ((int)MIN(8, M - m0)) {
+                    case 8: axpy16_tile(8, g, pairs, q, ldq, p0, p1, c0, am, C, 0); break;
+                    case 7: axpy16_tile(7, g, pairs, q, ldq, p0, p1, c0, am, C, 0); break;
+                    case 6: axpy16_tile(6, g, pairs, q, ldq, p0, p1, c0, am, C, 0); break;
+                    case 5: axpy16_tile(5, g, pairs, q, ldq, p0, p1, c0, am, C, 0); break;
+                    case 4: axpy16_tile(4, g, pairs, q, ldq, p0, p1, c0, am, C, 0); break;
+                    case 3: axpy16_tile(3, g, pairs, q, ldq, p0, p1, c0, am, C, 0); break;
+                    case 2: axpy16_tile(2, g, pairs, q, ldq, p0, p1, c0, am, C, 0); break;
+                    default: axpy16_tile(1, g, pairs, q, ldq, p0, p1, c0, am, C, 0); break;
+                    }
+                }
+            }
+            for (int64_t c = full_end; c < C; c++)
+                for (int64_t m = 0; m < M; m++) {
+                    float v = 0.f;
+                    for (int64_t p = p0; p < p1; p++)
+                        v += bf16_to_float(a[m * lda + 2 * p]) * (float)q[2 * p * ldq + c] +
+                             bf16_to_float(a[m * lda + 2 * p + 1]) * (float)q[(2 * p + 1) * ldq + c];
+                    acc[m * C + c] += v;
+                }
+        }
+        if (t == nt - 1 && R % 2)
+            for (int64_t m = 0; m < M; m++) {
+                float x = bf16_to_float(a[m * lda + R - 1]);
+                for (int64_t c = 0; c < C; c++) acc[m * C + c] += x * (float)q[(R - 1) * ldq + c];
+            }
+        #pragma omp barrier
+        int64_t total = M * C, e0 = total * t / nt, e1 = total * (t + 1) / nt;
+        for (int64_t e = e0; e < e1; e++) {
+            float v = 0.f;
+            for (int u = 0; u < nt; u++) v += partial[(int64_t)u * total + e];
+            int64_t m = e / C, c = e % C;
+            out[m * ldo + c] = col_scale ? v * col_scale[c] : v;
+        }
+    }
+    free(partial);
+    free(gp);
+    return 0;
+}
+#endif
 """

@@ -1,8 +1,8 @@
 """CPU paths of the int8 weight-only matmul (the dispatcher in ``__init__`` picks one).
 
 - ``stream_*``: few rows (decoding, small batches). One pass over the int8 weight with the
-  compiled kernels, accumulating in float32 from exact inputs; memory-bound, so the precision
-  costs nothing.
+  compiled kernels, accumulating in float32 from exact inputs (bfloat16 dot products for bfloat16
+  compute from ``BF16_DOT_MIN_ROWS`` rows, on CPUs that have them).
 - ``tiled_*``: many rows. A tile of the weight at a time is dequantized into a reused buffer of
   the compute dtype and fed to that dtype's GEMM; no full dequantized weight is ever built or kept.
 - ``int8pack_forward``: torch's ``_weight_int8pack_mm``, used for bfloat16 with few rows only
@@ -22,6 +22,9 @@ from . import native
 
 # Largest dequantized tile; a few MiB keeps the tile cache-resident between dequantize and GEMM.
 TILE_BYTES = 8 << 20
+# From this many rows the bfloat16 dot-product kernels beat float32 multiply-adds (below it the
+# extra int8 -> bfloat16 conversion work dominates).
+BF16_DOT_MIN_ROWS = 4
 _TILE_ALIGN = 64
 
 _workspaces = threading.local()
@@ -52,17 +55,38 @@ def _float32_rows(a: torch.Tensor) -> torch.Tensor:
     return a if _is_row_major(a) else a.contiguous()
 
 
-def stream_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x [M, in] @ Wt`` in float32 with the compiled streaming kernels."""
+def _bf16_dot(rows: int, compute: torch.dtype) -> bool:
+    return compute == torch.bfloat16 and rows >= BF16_DOT_MIN_ROWS and native.has_bf16_dot()
+
+
+def stream_forward(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``x [M, in] @ Wt`` in float32 with the compiled streaming kernels.
+
+    Activations stay exact (float32 multiply-adds) unless ``compute`` is bfloat16 and M is at least
+    ``BF16_DOT_MIN_ROWS``: then they are rounded to bfloat16 for the CPU's bfloat16 dot products.
+    """
     q, rows_are_outputs = weight_rows(qweight)
-    a, s = _float32_rows(x), scales.to(torch.float32).contiguous()
+    s = scales.to(torch.float32).contiguous()
+    if _bf16_dot(x.shape[0], compute):
+        a = x.to(torch.bfloat16).contiguous()
+        return native.rowdot_bf16(a, q, s) if rows_are_outputs else native.rowaxpy_bf16(a, q, s)
+    a = _float32_rows(x)
     return native.rowdot(a, q, s, None) if rows_are_outputs else native.rowaxpy(a, q, None, s)
 
 
-def stream_grad_input(grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``grad [M, out] @ W`` in float32 with the compiled streaming kernels."""
+def stream_grad_input(
+    grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``grad [M, out] @ W`` in float32 with the compiled streaming kernels (see ``stream_forward``)."""
     q, rows_are_outputs = weight_rows(qweight)
-    g, s = _float32_rows(grad), scales.to(torch.float32).contiguous()
+    s = scales.to(torch.float32).contiguous()
+    if _bf16_dot(grad.shape[0], compute):
+        # The scale sits on the summed index here, so it goes into the activations before rounding.
+        a = (grad.to(torch.float32) * s).to(torch.bfloat16)
+        return native.rowaxpy_bf16(a, q, None) if rows_are_outputs else native.rowdot_bf16(a, q, None)
+    g = _float32_rows(grad)
     return native.rowaxpy(g, q, s, None) if rows_are_outputs else native.rowdot(g, q, None, s)
 
 

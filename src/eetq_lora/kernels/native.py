@@ -44,6 +44,12 @@ _SIGNATURES = {
     "eetq_rowdot": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT], _INT),
     "eetq_rowaxpy": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT], _INT),
     "eetq_dequant": ([_P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT, _INT], None),
+    "eetq_has_bf16_dot": ([], _INT),
+}
+# Present only in builds for CPUs with AVX512-BF16.
+_BF16_SIGNATURES = {
+    "eetq_rowdot_bf16": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _I64, _INT], None),
+    "eetq_rowaxpy_bf16": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _I64, _INT], _INT),
 }
 
 _lock = threading.Lock()
@@ -98,7 +104,9 @@ def _writable_cache_dir() -> Path:
 
 def _build(compiler: str) -> tuple[Path, str]:
     """Compile (or reuse) the kernel library; returns its path and the build log of failed attempts."""
-    identity = "\0".join((SOURCE, compiler, _compiler_version(compiler), _cpu_identity(), platform.machine()))
+    identity = "\0".join(
+        (SOURCE, repr(_FLAG_SETS), compiler, _compiler_version(compiler), _cpu_identity(), platform.machine())
+    )
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     directory = _writable_cache_dir()
     target = directory / f"eetq_cpu_{digest}.so"
@@ -138,7 +146,10 @@ def _load() -> ctypes.CDLL | None:
     try:
         path, _ = _build(compiler)
         library = ctypes.CDLL(str(path))
-        for name, (argtypes, restype) in _SIGNATURES.items():
+        signatures = dict(_SIGNATURES)
+        if library.eetq_has_bf16_dot():
+            signatures.update(_BF16_SIGNATURES)
+        for name, (argtypes, restype) in signatures.items():
             function = getattr(library, name)
             function.argtypes = argtypes
             function.restype = restype
@@ -269,3 +280,53 @@ def dequantize_into(
         int(out.dtype == torch.bfloat16),
         torch.get_num_threads(),
     )
+
+
+def has_bf16_dot() -> bool:
+    """Whether the build has the bfloat16 dot-product kernels (CPUs with AVX512-BF16)."""
+    lib = library()
+    return lib is not None and bool(lib.eetq_has_bf16_dot())
+
+
+def rowdot_bf16(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None) -> torch.Tensor:
+    """``rowdot`` with bfloat16 activations (no column scale): float32 ``out[m, r] = row_scale[r] * a[m] . q[r]``."""
+    lib = library()
+    m, r, c = a.shape[0], q.shape[0], q.shape[1]
+    out = torch.empty(m, r, dtype=torch.float32)
+    lib.eetq_rowdot_bf16(
+        a.data_ptr(),
+        m,
+        a.stride(0),
+        q.data_ptr(),
+        r,
+        c,
+        q.stride(0),
+        _ptr(row_scale),
+        out.data_ptr(),
+        r,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def rowaxpy_bf16(a: torch.Tensor, q: torch.Tensor, col_scale: torch.Tensor | None) -> torch.Tensor:
+    """``rowaxpy`` with bfloat16 activations (no row scale): float32 ``out[m, c] = col_scale[c] * a[m] @ q[:, c]``."""
+    lib = library()
+    m, r, c = a.shape[0], q.shape[0], q.shape[1]
+    out = torch.empty(m, c, dtype=torch.float32)
+    status_code = lib.eetq_rowaxpy_bf16(
+        a.data_ptr(),
+        m,
+        a.stride(0),
+        q.data_ptr(),
+        r,
+        c,
+        q.stride(0),
+        _ptr(col_scale),
+        out.data_ptr(),
+        c,
+        torch.get_num_threads(),
+    )
+    if status_code != 0:
+        raise MemoryError("eetq_lora: the CPU rowaxpy_bf16 kernel could not allocate its workspace")
+    return out
