@@ -272,3 +272,13 @@ def test_builtin_default_runs_a_few_steps_and_improves_held_out_loss(tmp_path, m
     assert metrics["held_out"]["after"]["loss"] < metrics["held_out"]["before"]["loss"]
     assert metrics["runtime"]["wall_seconds"] <= time.perf_counter() - started
     assert "held-out loss" in capsys.readouterr().out
+
+
+def test_a_busy_machine_gets_a_threads_hint(monkeypatch):
+    messages = []
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 0.0, 0.0))
+    finetune_module.warn_if_busy(messages.append)
+    assert len(messages) == 1 and "--threads 1" in messages[0]
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    finetune_module.warn_if_busy(messages.append)
+    assert len(messages) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -90,7 +91,8 @@ def config_from_args(args: argparse.Namespace, base=None):
     for name in SETTING_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
-            values[name] = value
+            # Paths are recorded absolute so eval/generate find them from any directory.
+            values[name] = os.path.abspath(os.path.expanduser(value)) if name in ("model", "data") else value
     return FinetuneConfig.from_dict(values)
 
 
@@ -112,7 +114,7 @@ def print_report(metrics: dict, out: str) -> None:
         f"{runtime['processes']} x {runtime['threads']} thread(s), {runtime['device']}",
         f"  wall time          {int(wall // 60)}m {wall % 60:04.1f}s, peak memory {mib(runtime['peak_memory_bytes'])}",
         f"  saved to           {out}/ (adapter_model.safetensors, metrics.json" + (", loss.png)" if "loss_plot" in metrics else ")"),
-        f'  try it             eetq-lora generate --adapter {shlex.quote(out)} "What is the capital of France?"',
+        f"  try it             eetq-lora generate --adapter {shlex.quote(out)} {shlex.quote(metrics['data']['example_prompt'])}",
     ]
     print("\n".join(lines), flush=True)
 
@@ -121,18 +123,27 @@ def print_report(metrics: dict, out: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..training.checkpoint import read_state
     from ..training.finetune import RUN_CONFIG, load_run_config, run_finetune
 
     out = args.out or DEFAULT_OUT
     # On --resume, flags left out mean "as saved", so only flags actually given can conflict.
     saved = load_run_config(Path(out)) if args.resume and (Path(out) / RUN_CONFIG).is_file() else None
-    outcome = run_finetune(config_from_args(args, saved), out, resume=args.resume, overwrite=args.overwrite)
+    resume_hint = f"Resume with: eetq-lora finetune --out {shlex.quote(out)} --resume"
+    try:
+        outcome = run_finetune(config_from_args(args, saved), out, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        # A second Ctrl-C aborts mid-step: the last periodic checkpoint, if any, still resumes.
+        state = read_state(Path(out)) if (Path(out) / RUN_CONFIG).is_file() else None
+        if state is None:
+            raise
+        print(f"\nAborted; the last checkpoint (step {state['step']}) is in {out}/checkpoint.\n{resume_hint}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if not outcome.is_main:
         return EXIT_OK
     if outcome.status == "interrupted":
         print(
-            f"\nInterrupted at step {outcome.step}/{outcome.total_steps}; a checkpoint is saved in {out}/checkpoint.\n"
-            f"Resume with: eetq-lora finetune --out {shlex.quote(out)} --resume",
+            f"\nInterrupted at step {outcome.step}/{outcome.total_steps}; a checkpoint is saved in {out}/checkpoint.\n{resume_hint}",
             file=sys.stderr,
             flush=True,
         )

@@ -99,6 +99,18 @@ def configure_threads(requested: int | None, context: DistContext) -> int:
     return torch.get_num_threads()
 
 
+def warn_if_busy(log: Log) -> None:
+    """Say so when other programs already keep the CPUs busy: threads that wait on each other then
+    slow to a crawl, and one thread per process is usually much faster."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return
+    cores = os.cpu_count() or 1
+    if load >= 0.75 * cores:
+        log(f"Note: this machine is already busy (load {load:.1f} on {cores} CPUs); if training crawls, pass --threads 1.")
+
+
 def save_adapter(peft_model, out: Path) -> None:
     """Save the PEFT adapter into ``out``: written to a temporary folder, then each file moved in atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +241,8 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
     from .. import get_peft_model, load_adapter
 
     threads = configure_threads(config.threads, context)
+    if context.is_main and device.type == "cpu" and config.threads is None:
+        warn_if_busy(log)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
     # Rank 0 converts and caches the model first; the others then find it in the cache.
@@ -356,6 +370,7 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
             "dropped_too_long": train_set.dropped + eval_set.dropped,
             "truncated": train_set.truncated + eval_set.truncated,
             "chat_template": fmt.uses_chat_template,
+            "example_prompt": split.held_out[0].prompt or split.held_out[0].response,
         },
         "settings": config.to_dict(),
         "lora": {"trainable_parameters": trainable_count, "total_parameters": total_count},
