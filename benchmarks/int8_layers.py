@@ -181,13 +181,8 @@ def time_cell(
     backward: bool,
     rounds: tuple[int, int],
     budget_s: float,
-    probe: torch.Tensor | None,
 ) -> dict[str, dict[str, float]]:
-    """Median ms (and peak extra MiB of one call) of every implementation at this M, interleaved.
-
-    With ``probe`` (a buffer larger than the caches), a read of it runs in the same rounds and its
-    bandwidth is reported as ``"dram"``.
-    """
+    """Median ms (and peak extra MiB of one call) of every implementation at this M, interleaved."""
     sample = next(iter(impls.values())).module
     in_features, out_features = sample.in_features, sample.out_features
     torch.manual_seed(1)
@@ -197,10 +192,5 @@ def time_cell(
         grad = torch.randn(rows, out_features).to(impl.dtype) if backward else None
         calls[name] = _call(impl, x, grad)
     peaks = {name: bench_utils.peak_extra_bytes(fn) / bench_utils.MiB for name, fn in calls.items()}
-    if probe is not None:
-        calls["dram"] = lambda: torch.dot(probe, probe)
     medians = bench_utils.interleaved_medians(calls, min_rounds=rounds[0], max_rounds=rounds[1], budget_s=budget_s)
-    result = {name: {"ms": seconds * 1e3, "peak_mib": peaks.get(name, math.nan)} for name, seconds in medians.items()}
-    if probe is not None:
-        result["dram"] = {"gbps": probe.numel() * probe.element_size() / medians["dram"] / 1e9}
-    return result
+    return {name: {"ms": seconds * 1e3, "peak_mib": peaks.get(name, math.nan)} for name, seconds in medians.items()}

@@ -30,6 +30,10 @@ typedef float vf __attribute__((vector_size(64)));
 /* rowaxpy reads its share of rows in panels of this many bytes, which stay in L2 while every
    column tile sweeps them; the next panel is prefetched meanwhile. */
 #define PANEL_BYTES 262144
+/* rowdot streams a few rows at once; prefetching this far ahead in each keeps DRAM busy. */
+#ifndef ROW_PREFETCH
+#define ROW_PREFETCH 2048
+#endif
 
 int eetq_abi_version(void) { return 2; }
 
@@ -115,6 +119,8 @@ INLINE void rowdot_block(int RB, int MB, const float* a, int64_t lda, const int8
     for (; c + 16 <= C; c += 16) {
         vf w[4];
         for (int r = 0; r < RB; r++) w[r] = load_q(q + (r0 + r) * ldq + c);
+        if (m0 == 0 && (c & 63) == 0)
+            for (int r = 0; r < RB; r++) __builtin_prefetch(q + (r0 + r) * ldq + c + ROW_PREFETCH, 0, 2);
         for (int i = 0; i < MB; i++) {
             vf x = load_f(a + (m0 + i) * lda + c);
             for (int r = 0; r < RB; r++) acc[r][i] += w[r] * x;
@@ -321,6 +327,8 @@ INLINE void rowdot16_block(int MB, const uint16_t* a, int64_t lda, const int8_t*
             __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
             w[r] = _mm512_cvtne2ps_pbh(hi, lo);
         }
+        if (m0 == 0 && (c & 63) == 0)
+            for (int r = 0; r < 2; r++) __builtin_prefetch(q + (r0 + r) * ldq + c + ROW_PREFETCH, 0, 2);
         for (int i = 0; i < MB; i++) {
             __m512bh x = (__m512bh)_mm512_loadu_si512((const void*)(a + (m0 + i) * lda + c));
             for (int r = 0; r < 2; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], x, w[r]);
