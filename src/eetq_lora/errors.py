@@ -25,4 +25,6 @@ class MissingPackageError(UserError):
     def __init__(self, package: str, purpose: str, pip_args: str) -> None:
         self.package = package
         self.pip_command = f"pip install {pip_args}"
-        super().__init__(f"{purpose} needs the package {package!r}, which is not installed. Install it with: {self.pip_command}")
+        super().__init__(
+            f"{purpose} needs the package {package!r}, which is not installed. Install it with: {self.pip_command}"
+        )

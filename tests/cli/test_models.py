@@ -29,7 +29,9 @@ HAVE_DEFAULT_MODEL = all(importlib.util.find_spec(p) is not None for p in ("llm_
 
 def hide_package(monkeypatch, package: str) -> None:
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == package else real_find_spec(name, *a)
+    )
 
 
 # --- cache and built-in model ----------------------------------------------------------------

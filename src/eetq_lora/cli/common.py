@@ -53,14 +53,21 @@ def add_model_flags(parser: argparse.ArgumentParser, model_default: str) -> None
     parser.add_argument(
         "--model",
         metavar="PATH",
-        help=f"base model: a Hugging Face model folder (with config.json) or a .gguf file, converted once and cached. Default: {model_default}",
+        help="base model: a Hugging Face model folder (with config.json) or a .gguf file, converted once "
+        f"and cached. Default: {model_default}",
     )
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help=DTYPE_HELP)
     parser.add_argument(
-        "--device", default=None, metavar="DEVICE", help="cpu, cuda or cuda:N. Default: the GPU if there is one, else the CPU"
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help="cpu, cuda or cuda:N. Default: the GPU if there is one, else the CPU",
     )
     parser.add_argument(
-        "--threads", type=positive_int, metavar="N", help="CPU threads per process. Default: one per core, shared among torchrun processes"
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads per process. Default: one per core, shared among torchrun processes",
     )
 
 
@@ -79,7 +86,9 @@ def fail(command: str, message: str) -> int:
     return EXIT_ERROR
 
 
-def handles_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+def handles_errors(
+    command: str,
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
     """Turn a UserError into its message and exit code 1, and Ctrl-C outside training into code 130."""
 
     def decorate(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -88,7 +97,9 @@ def handles_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int
             from ..errors import UserError
 
             # transformers warns when PEFT reads a deprecated alias; it says nothing to our users.
-            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
             try:
                 return run(args)
             except UserError as error:

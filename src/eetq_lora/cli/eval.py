@@ -20,14 +20,39 @@ examples:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    parser = add_subcommand(subparsers, "eval", "score EETQ int8 models with LoRA adapter(s) on held-out data", DESCRIPTION)
-    parser.add_argument("--adapter", action="append", default=[], metavar="DIR", help="adapter folder (a finetune --out); repeat to compare several")
-    parser.add_argument("--base", action="store_true", help="also score the quantized base model alone (the default when no --adapter is given)")
+    parser = add_subcommand(
+        subparsers, "eval", "score EETQ int8 models with LoRA adapter(s) on held-out data", DESCRIPTION
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="adapter folder (a finetune --out); repeat to compare several",
+    )
+    parser.add_argument(
+        "--base",
+        action="store_true",
+        help="also score the quantized base model alone (the default when no --adapter is given)",
+    )
     add_model_flags(parser, "the adapter's base model, else SmolLM2-135M-Instruct (built-in)")
-    parser.add_argument("--data", metavar="FILE", help="data file (.jsonl or .txt) whose held-out split is scored. Default: the adapter's training data")
-    parser.add_argument("--max-seq-len", type=positive_int, metavar="N", help="tokens per example. Default: the adapter's, else 96")
-    parser.add_argument("--eval-examples", type=positive_int, metavar="N", help="held-out examples to score (at most). Default: the adapter's, else 128")
-    parser.add_argument("--batch-size", type=positive_int, metavar="N", help="examples per forward pass. Default: the adapter's, else 8")
+    parser.add_argument(
+        "--data",
+        metavar="FILE",
+        help="data file (.jsonl or .txt) whose held-out split is scored. Default: the adapter's training data",
+    )
+    parser.add_argument(
+        "--max-seq-len", type=positive_int, metavar="N", help="tokens per example. Default: the adapter's, else 96"
+    )
+    parser.add_argument(
+        "--eval-examples",
+        type=positive_int,
+        metavar="N",
+        help="held-out examples to score (at most). Default: the adapter's, else 128",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, metavar="N", help="examples per forward pass. Default: the adapter's, else 8"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as one JSON document instead of a table")
     parser.set_defaults(func=run)
     return parser
@@ -38,7 +63,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'model':<{width}}  {'held-out loss':>13}  {'accuracy':>8}  {'perplexity':>10}  {'tokens':>7}"]
     for row in rows:
         lines.append(
-            f"{row['model']:<{width}}  {row['loss']:>13.4f}  {row['accuracy']:>8.1%}  {row['perplexity']:>10.2f}  {row['tokens']:>7,}"
+            f"{row['model']:<{width}}  {row['loss']:>13.4f}  {row['accuracy']:>8.1%}  "
+            f"{row['perplexity']:>10.2f}  {row['tokens']:>7,}"
         )
     return "\n".join(lines)
 
@@ -47,8 +73,7 @@ def format_table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..data import PromptFormat, encode_examples, load_dataset, split_dataset
     from ..errors import DataError
-    from ..models.adapters import read_adapter, setting, using
-    from ..models.adapters import load_for_inference
+    from ..models.adapters import load_for_inference, read_adapter, setting, using
     from ..training.evaluate import evaluate
 
     # Read the data (and fail on it) before loading any model.

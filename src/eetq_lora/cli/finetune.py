@@ -52,9 +52,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", metavar="DIR", help=f"output folder. Default: {DEFAULT_OUT}")
     parser.add_argument("--steps", type=positive_int, help=f"optimizer steps. Default: {d.steps}")
-    parser.add_argument("--lr", type=positive_float, help=f"peak learning rate (10%% warm-up, then linear decay to a tenth). Default: {d.lr:g}")
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        help=f"peak learning rate (10%% warm-up, then linear decay to a tenth). Default: {d.lr:g}",
+    )
     parser.add_argument("--r", type=positive_int, help=f"LoRA rank. Default: {d.r}")
-    parser.add_argument("--alpha", type=positive_float, help=f"LoRA alpha; the update is scaled by alpha/r. Default: {d.alpha:g}")
+    parser.add_argument(
+        "--alpha", type=positive_float, help=f"LoRA alpha; the update is scaled by alpha/r. Default: {d.alpha:g}"
+    )
     parser.add_argument("--dropout", type=float, help=f"LoRA dropout probability. Default: {d.dropout:g}")
     parser.add_argument(
         "--target-modules",
@@ -62,12 +68,30 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear for every linear "
         f"layer except the output head. Default: {d.target_modules}",
     )
-    parser.add_argument("--max-seq-len", type=positive_int, metavar="N", help=f"tokens per example; longer answers are cut. Default: {d.max_seq_len}")
-    parser.add_argument("--batch-size", type=positive_int, metavar="N", help=f"examples per micro-batch and process. Default: {d.batch_size}")
-    parser.add_argument("--grad-accum", type=positive_int, metavar="N", help=f"micro-batches per optimizer step. Default: {d.grad_accum}")
+    parser.add_argument(
+        "--max-seq-len",
+        type=positive_int,
+        metavar="N",
+        help=f"tokens per example; longer answers are cut. Default: {d.max_seq_len}",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="N",
+        help=f"examples per micro-batch and process. Default: {d.batch_size}",
+    )
+    parser.add_argument(
+        "--grad-accum",
+        type=positive_int,
+        metavar="N",
+        help=f"micro-batches per optimizer step. Default: {d.grad_accum}",
+    )
     parser.add_argument("--seed", type=int, help=f"seed for LoRA init and data order. Default: {d.seed}")
     parser.add_argument(
-        "--eval-examples", type=positive_int, metavar="N", help=f"held-out examples scored before and after training (at most). Default: {d.eval_examples}"
+        "--eval-examples",
+        type=positive_int,
+        metavar="N",
+        help=f"held-out examples scored before and after training (at most). Default: {d.eval_examples}",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     parser.add_argument(
@@ -78,8 +102,22 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 SETTING_FLAGS = (
-    "model", "data", "steps", "lr", "r", "alpha", "dropout", "target_modules", "max_seq_len",
-    "batch_size", "grad_accum", "dtype", "seed", "eval_examples", "device", "threads",
+    "model",
+    "data",
+    "steps",
+    "lr",
+    "r",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "max_seq_len",
+    "batch_size",
+    "grad_accum",
+    "dtype",
+    "seed",
+    "eval_examples",
+    "device",
+    "threads",
 )
 
 
@@ -103,18 +141,23 @@ def print_report(metrics: dict, out: str) -> None:
     wall = runtime["wall_seconds"]
     lines = [
         "",
-        f"Done: {model['name']} + LoRA, {training['steps']} steps on {metrics['data']['train_examples']} examples of {metrics['data']['source']}",
+        f"Done: {model['name']} + LoRA, {training['steps']} steps on "
+        f"{metrics['data']['train_examples']} examples of {metrics['data']['source']}",
         f"  held-out loss      {before['loss']:.4f} -> {after['loss']:.4f}  ({after['loss'] - before['loss']:+.4f}; "
         f"{after['examples']} examples, {after['tokens']:,} answer tokens)",
-        f"  answer accuracy    {before['accuracy']:.1%} -> {after['accuracy']:.1%}  (next answer token, teacher-forced)",
-        f"  base model memory  {mib(model['int8_base_bytes'])} EETQ int8 + {model['dtype']} vs {mib(model['float32_bytes'])} float32 ({ratio:.1f}x smaller)",
+        f"  answer accuracy    {before['accuracy']:.1%} -> {after['accuracy']:.1%}  "
+        "(next answer token, teacher-forced)",
+        f"  base model memory  {mib(model['int8_base_bytes'])} EETQ int8 + {model['dtype']} "
+        f"vs {mib(model['float32_bytes'])} float32 ({ratio:.1f}x smaller)",
         f"  trainable params   {lora['trainable_parameters']:,} of {lora['total_parameters']:,} "
         f"({lora['trainable_parameters'] / lora['total_parameters']:.2%})",
         f"  training           {training['tokens']:,} tokens at {training['tokens_per_second']:,.0f} tokens/s on "
         f"{runtime['processes']} x {runtime['threads']} thread(s), {runtime['device']}",
         f"  wall time          {int(wall // 60)}m {wall % 60:04.1f}s, peak memory {mib(runtime['peak_memory_bytes'])}",
-        f"  saved to           {out}/ (adapter_model.safetensors, metrics.json" + (", loss.png)" if "loss_plot" in metrics else ")"),
-        f"  try it             eetq-lora generate --adapter {shlex.quote(out)} {shlex.quote(metrics['data']['example_prompt'])}",
+        f"  saved to           {out}/ (adapter_model.safetensors, metrics.json"
+        + (", loss.png)" if "loss_plot" in metrics else ")"),
+        f"  try it             eetq-lora generate --adapter {shlex.quote(out)} "
+        f"{shlex.quote(metrics['data']['example_prompt'])}",
     ]
     print("\n".join(lines), flush=True)
 
@@ -137,13 +180,18 @@ def run(args: argparse.Namespace) -> int:
         state = read_state(Path(out)) if (Path(out) / RUN_CONFIG).is_file() else None
         if state is None:
             raise
-        print(f"\nAborted; the last checkpoint (step {state['step']}) is in {out}/checkpoint.\n{resume_hint}", file=sys.stderr, flush=True)
+        print(
+            f"\nAborted; the last checkpoint (step {state['step']}) is in {out}/checkpoint.\n{resume_hint}",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_INTERRUPTED
     if not outcome.is_main:
         return EXIT_OK
     if outcome.status == "interrupted":
         print(
-            f"\nInterrupted at step {outcome.step}/{outcome.total_steps}; a checkpoint is saved in {out}/checkpoint.\n{resume_hint}",
+            f"\nInterrupted at step {outcome.step}/{outcome.total_steps}; "
+            f"a checkpoint is saved in {out}/checkpoint.\n{resume_hint}",
             file=sys.stderr,
             flush=True,
         )

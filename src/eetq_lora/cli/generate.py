@@ -21,13 +21,29 @@ examples:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    parser = add_subcommand(subparsers, "generate", "answer prompts with an EETQ int8 model and LoRA adapter(s)", DESCRIPTION)
+    parser = add_subcommand(
+        subparsers, "generate", "answer prompts with an EETQ int8 model and LoRA adapter(s)", DESCRIPTION
+    )
     parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="the prompt(s) to answer")
-    parser.add_argument("--adapter", action="append", default=[], metavar="DIR", help="adapter folder (a finetune --out); repeat to compare several")
-    parser.add_argument("--base", action="store_true", help="also answer with the quantized base model alone (the default when no --adapter is given)")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="adapter folder (a finetune --out); repeat to compare several",
+    )
+    parser.add_argument(
+        "--base",
+        action="store_true",
+        help="also answer with the quantized base model alone (the default when no --adapter is given)",
+    )
     add_model_flags(parser, "the adapter's base model, else SmolLM2-135M-Instruct (built-in)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="most tokens per answer. Default: 64")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 answers greedily (deterministic); above 0 samples. Default: 0")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, metavar="N", help="most tokens per answer. Default: 64"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 answers greedily (deterministic); above 0 samples. Default: 0"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling. Default: 0")
     parser.add_argument("--json", action="store_true", help="print one JSON object per answer: prompt, model, answer")
     parser.set_defaults(func=run)
@@ -50,7 +66,7 @@ def generate_answer(model, fmt, tokenizer, prompt: str, max_new_tokens: int, tem
             eos_token_id=tokenizer.eos_token_id,
             **sampling,
         )
-    return tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 @handles_errors("generate")

@@ -39,7 +39,7 @@ def pairs_from_conversations(conversations: list) -> list[Example]:
         turns = [str(turn) for turn in conversation]
         if _is_split_string(turns):
             continue
-        for prompt, response in zip(turns, turns[1:]):
+        for prompt, response in zip(turns, turns[1:], strict=False):
             prompt, response = prompt.strip(), response.strip()
             if prompt and response:
                 pairs.append(Example(prompt, response))

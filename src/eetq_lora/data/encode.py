@@ -53,7 +53,7 @@ class PromptFormat:
             full = self._chat(user + [{"role": "assistant", "content": response}], False)
             if full.startswith(head):
                 # The template's own answer ending (e.g. "<|im_end|>\n") is learned with the answer.
-                return self._ids(full[len(head):], special=False)
+                return self._ids(full[len(head) :], special=False)
         return self._ids(" " + response, special=False) + [self.tokenizer.eos_token_id]
 
     def encode(self, example: Example, max_seq_len: int) -> Encoded | None:
@@ -67,7 +67,7 @@ class PromptFormat:
         if len(prompt) >= max_seq_len:
             return None
         ids = (prompt + answer)[:max_seq_len]
-        labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
+        labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
         return Encoded(tuple(ids), tuple(labels), truncated=len(prompt) + len(answer) > max_seq_len)
 
 

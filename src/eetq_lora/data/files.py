@@ -37,7 +37,10 @@ def load_jsonl(path: Path) -> list[Example]:
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(record, dict):
-            raise DataError(f'{where}: expected a JSON object like {{"prompt": "...", "response": "..."}}, got {type(record).__name__}')
+            raise DataError(
+                f'{where}: expected a JSON object like {{"prompt": "...", "response": "..."}}, '
+                f"got {type(record).__name__}"
+            )
         for key in ("prompt", "response"):
             if key not in record:
                 raise DataError(f'{where}: the object has no "{key}" field (it needs "prompt" and "response")')
@@ -60,7 +63,10 @@ def load_file(path: str | os.PathLike) -> Dataset:
     """Load a .jsonl or .txt data file; raises DataError if it is missing, malformed or empty."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data file {path} does not exist; pass an existing file to --data, or leave --data out for the built-in data")
+        raise DataError(
+            f"data file {path} does not exist; "
+            "pass an existing file to --data, or leave --data out for the built-in data"
+        )
     if not path.is_file():
         raise DataError(f"data path {path} is not a file; {FORMAT_HELP}")
     suffix = path.suffix.lower()

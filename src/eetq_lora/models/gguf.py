@@ -59,7 +59,9 @@ def gguf_to_folder(gguf_path: str | Path, quiet: bool = False) -> Path:
     """
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
-        raise ModelError(f"model file {gguf_path} does not exist; pass an existing .gguf file or a model folder to --model")
+        raise ModelError(
+            f"model file {gguf_path} does not exist; pass an existing .gguf file or a model folder to --model"
+        )
     if importlib.util.find_spec("gguf") is None:
         raise MissingPackageError("gguf", f"Loading the GGUF model {gguf_path.name}", GGUF_PIP)
     digest = file_sha256(gguf_path)
@@ -67,7 +69,11 @@ def gguf_to_folder(gguf_path: str | Path, quiet: bool = False) -> Path:
     if (folder / MARKER).is_file():
         return folder
     if not quiet:
-        print(f"Converting {gguf_path.name} to a cached safetensors model in {folder} (first run only)...", file=sys.stderr, flush=True)
+        print(
+            f"Converting {gguf_path.name} to a cached safetensors model in {folder} (first run only)...",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         publish_folder(lambda tmp: _convert(gguf_path, tmp, digest), folder, replace=False)
     except (ValueError, KeyError, OSError) as error:

@@ -45,11 +45,19 @@ def check_model_spec(spec: str | None) -> None:
         return
     path = Path(spec).expanduser()
     if not path.exists():
-        raise ModelError(f"model path {spec} does not exist; pass a Hugging Face model folder or a .gguf file to --model, or leave --model out for the built-in {DEFAULT_MODEL_NAME}")
+        raise ModelError(
+            f"model path {spec} does not exist; pass a Hugging Face model folder or a .gguf file to --model, "
+            f"or leave --model out for the built-in {DEFAULT_MODEL_NAME}"
+        )
     if path.is_file() and path.suffix.lower() != ".gguf":
-        raise ModelError(f"model file {spec} is not a .gguf file; pass a .gguf file or a Hugging Face model folder (with config.json)")
+        raise ModelError(
+            f"model file {spec} is not a .gguf file; "
+            "pass a .gguf file or a Hugging Face model folder (with config.json)"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
-        raise ModelError(f"model folder {spec} has no config.json; pass a folder saved with save_pretrained(), or a .gguf file")
+        raise ModelError(
+            f"model folder {spec} has no config.json; pass a folder saved with save_pretrained(), or a .gguf file"
+        )
 
 
 def resolve_model(spec: str | None, quiet: bool = False) -> ModelSource:
@@ -108,10 +116,9 @@ def load_tokenizer(folder: Path):
 def load_quantized(source: ModelSource, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """Load ``source`` in float32, quantize its linear layers to EETQ int8, then cast the rest to ``dtype``."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from .. import quantize_model
-
-    from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a cached local load takes a second; its bars would only be noise

@@ -38,11 +38,12 @@ def evaluate(
     batch_size: int,
     pad_id: int,
     device: torch.device,
-    context: DistContext = DistContext(),
+    context: DistContext | None = None,
 ) -> EvalResult:
     """Score ``items``; under torchrun each process takes every world_size-th item and the sums are combined."""
     if not items:
         raise ValueError("evaluate got no examples")
+    context = context or DistContext()
     was_training = model.training
     model.eval()
     mine = sorted(items[context.rank :: context.world_size], key=lambda item: len(item.input_ids))

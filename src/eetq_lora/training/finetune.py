@@ -63,7 +63,9 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
         if overwrite:
             raise UserError("--resume continues the run saved in --out and --overwrite replaces it; pass only one")
         if not (out / RUN_CONFIG).is_file() or read_state(out) is None:
-            raise UserError(f"nothing to resume in {out}: it has no {RUN_CONFIG} and {CHECKPOINT_DIR}/ from an earlier run")
+            raise UserError(
+                f"nothing to resume in {out}: it has no {RUN_CONFIG} and {CHECKPOINT_DIR}/ from an earlier run"
+            )
         return
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder path")
@@ -108,7 +110,10 @@ def warn_if_busy(log: Log) -> None:
         return
     cores = os.cpu_count() or 1
     if load >= 0.75 * cores:
-        log(f"Note: this machine is already busy (load {load:.1f} on {cores} CPUs); if training crawls, pass --threads 1.")
+        log(
+            f"Note: this machine is already busy (load {load:.1f} on {cores} CPUs); "
+            "if training crawls, pass --threads 1."
+        )
 
 
 def save_adapter(peft_model, out: Path) -> None:
@@ -139,7 +144,12 @@ def _versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"eetq_lora": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    return {
+        "eetq_lora": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
 
 
 def _encode(fmt: PromptFormat, examples, config: FinetuneConfig, what: str, source: str) -> EncodedSet:
@@ -230,7 +240,18 @@ def run_finetune(
     device = default_device(config.device)
     context = init_distributed(device)
     try:
-        return _run(config, out, resume, overwrite, split, dataset.source, device, context, wall_start, log if context.is_main else (lambda _: None))
+        return _run(
+            config,
+            out,
+            resume,
+            overwrite,
+            split,
+            dataset.source,
+            device,
+            context,
+            wall_start,
+            log if context.is_main else (lambda _: None),
+        )
     finally:
         shutdown_distributed()
 
@@ -252,7 +273,10 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
     if not context.is_main:
         source = resolve_model(config.model, quiet=True)
 
-    log(f"Loading {source.name} and quantizing it to EETQ int8 ({str(dtype).replace('torch.', '')}, {device}, {threads} thread(s) x {context.world_size} process(es))...")
+    log(
+        f"Loading {source.name} and quantizing it to EETQ int8 ({str(dtype).replace('torch.', '')}, {device}, "
+        f"{threads} thread(s) x {context.world_size} process(es))..."
+    )
     loaded = load_quantized(source, dtype, device)
     fmt = PromptFormat(loaded.tokenizer)
     train_set = _encode(fmt, split.train, config, "training", data_name)
@@ -300,7 +324,13 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
         log(f"Scoring {len(eval_set)} held-out examples before training...")
         before = evaluate(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
         log(f"  held-out loss {before.loss:.4f}, answer-token accuracy {before.accuracy:.1%}")
-        state = {"step": 0, "train_losses": [], "train_tokens": 0, "train_seconds": 0.0, "held_out_before": before.to_dict()}
+        state = {
+            "step": 0,
+            "train_losses": [],
+            "train_tokens": 0,
+            "train_seconds": 0.0,
+            "held_out_before": before.to_dict(),
+        }
     else:
         before = EvalResult(**{k: v for k, v in state["held_out_before"].items() if k != "perplexity"})
         log(f"Resuming at step {state['step']}/{config.steps} from {checkpoint_path(out)}")
@@ -395,10 +425,11 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
     }
     if context.is_main:
         if plotting_available():
-            save_loss_plot(out / LOSS_PLOT, state["train_losses"], before.loss, after.loss, f"{source.name}: EETQ int8 + LoRA")
+            save_loss_plot(
+                out / LOSS_PLOT, state["train_losses"], before.loss, after.loss, f"{source.name}: EETQ int8 + LoRA"
+            )
             metrics["loss_plot"] = LOSS_PLOT
         else:
             log(f"matplotlib is not installed, so {LOSS_PLOT} was not drawn: pip install matplotlib")
         write_json_atomic(out / METRICS, metrics)
     return FinetuneOutcome("finished", step, config.steps, out, metrics, is_main=context.is_main)
-

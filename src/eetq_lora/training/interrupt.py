@@ -14,7 +14,9 @@ class StopRequest:
     update behind. A second Ctrl-C raises KeyboardInterrupt at once.
     """
 
-    def __init__(self, notice: str = "Stopping after this step and saving a checkpoint (Ctrl-C again to abort now)...") -> None:
+    def __init__(
+        self, notice: str = "Stopping after this step and saving a checkpoint (Ctrl-C again to abort now)..."
+    ) -> None:
         self.requested = False
         self.notice = notice
         self._previous: dict[int, object] = {}

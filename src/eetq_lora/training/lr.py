@@ -8,7 +8,10 @@ def warmup_steps(total_steps: int) -> int:
 
 
 def learning_rate(step: int, total_steps: int, peak: float) -> float:
-    """The rate for optimizer step ``step`` (0-based) of ``total_steps``; a pure function, so resuming needs no state."""
+    """The rate for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    A pure function of the step, so a resumed run needs no scheduler state.
+    """
     warmup = warmup_steps(total_steps)
     if step < warmup:
         return peak * (step + 1) / warmup

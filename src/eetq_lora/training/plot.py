@@ -42,11 +42,27 @@ def save_loss_plot(
     axes.plot(steps, train_losses, color="#9ecae1", linewidth=1, label="training loss (per step)")
     window = max(1, len(train_losses) // 10)
     if window > 1:
-        axes.plot(steps, moving_average(train_losses, window), color="#3182bd", linewidth=2, label=f"training loss ({window}-step mean)")
-    axes.scatter([0], [held_out_before], color="#de2d26", zorder=3, label=f"held-out loss before: {held_out_before:.3f}")
+        axes.plot(
+            steps,
+            moving_average(train_losses, window),
+            color="#3182bd",
+            linewidth=2,
+            label=f"training loss ({window}-step mean)",
+        )
+    axes.scatter(
+        [0], [held_out_before], color="#de2d26", zorder=3, label=f"held-out loss before: {held_out_before:.3f}"
+    )
     if held_out_after is not None:
-        axes.scatter([len(train_losses)], [held_out_after], color="#31a354", zorder=3, label=f"held-out loss after: {held_out_after:.3f}")
-        axes.plot([0, len(train_losses)], [held_out_before, held_out_after], color="#636363", linestyle=":", linewidth=1)
+        axes.scatter(
+            [len(train_losses)],
+            [held_out_after],
+            color="#31a354",
+            zorder=3,
+            label=f"held-out loss after: {held_out_after:.3f}",
+        )
+        axes.plot(
+            [0, len(train_losses)], [held_out_before, held_out_after], color="#636363", linestyle=":", linewidth=1
+        )
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (nats per answer token)")
     axes.set_title(title)

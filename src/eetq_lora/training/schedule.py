@@ -59,7 +59,9 @@ def micro_batches(global_batch: Sequence[int], world_size: int, rank: int, grad_
     """This process's ``grad_accum`` micro-batches of a global batch (contiguous slices, so similar lengths)."""
     size, remainder = divmod(len(global_batch), world_size * grad_accum)
     if remainder:
-        raise ValueError(f"a global batch of {len(global_batch)} does not split into {world_size} x {grad_accum} micro-batches")
+        raise ValueError(
+            f"a global batch of {len(global_batch)} does not split into {world_size} x {grad_accum} micro-batches"
+        )
     return [
         list(global_batch[(accum * world_size + rank) * size : (accum * world_size + rank + 1) * size])
         for accum in range(grad_accum)
