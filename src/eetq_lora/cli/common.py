@@ -22,7 +22,7 @@ EXIT_CODES_HELP = (
 DTYPE_HELP = (
     "compute dtype of the non-quantized parts and activations: auto (bfloat16 where the hardware "
     "computes it natively, such as CPUs with AVX512-BF16 or AMX and most GPUs; float32 otherwise), "
-    "float32, bfloat16 or float16. Default: the adapter's training dtype, else auto"
+    "float32, bfloat16 or float16"
 )
 
 
@@ -48,7 +48,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_model_flags(parser: argparse.ArgumentParser, model_default: str) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, model_default: str, dtype_default: str) -> None:
     """--model, --dtype, --device and --threads, worded the same in every subcommand."""
     parser.add_argument(
         "--model",
@@ -56,7 +56,9 @@ def add_model_flags(parser: argparse.ArgumentParser, model_default: str) -> None
         help="base model: a Hugging Face model folder (with config.json) or a .gguf file, converted once "
         f"and cached. Default: {model_default}",
     )
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help=DTYPE_HELP)
+    parser.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"), help=f"{DTYPE_HELP}. Default: {dtype_default}"
+    )
     parser.add_argument(
         "--device",
         default=None,

@@ -35,7 +35,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="also score the quantized base model alone (the default when no --adapter is given)",
     )
-    add_model_flags(parser, "the adapter's base model, else SmolLM2-135M-Instruct (built-in)")
+    add_model_flags(
+        parser,
+        "the adapter's base model, else SmolLM2-135M-Instruct (built-in)",
+        "the adapter's training dtype, else auto",
+    )
     parser.add_argument(
         "--data",
         metavar="FILE",

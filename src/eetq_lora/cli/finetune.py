@@ -42,7 +42,7 @@ def _defaults():
 def register(subparsers) -> argparse.ArgumentParser:
     d = _defaults()
     parser = add_subcommand(subparsers, "finetune", "train a LoRA adapter on an EETQ int8 model", DESCRIPTION)
-    add_model_flags(parser, "SmolLM2-135M-Instruct (built-in)")
+    add_model_flags(parser, "SmolLM2-135M-Instruct (built-in)", "auto")
     parser.add_argument(
         "--data",
         metavar="FILE",

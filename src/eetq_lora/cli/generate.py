@@ -37,7 +37,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="also answer with the quantized base model alone (the default when no --adapter is given)",
     )
-    add_model_flags(parser, "the adapter's base model, else SmolLM2-135M-Instruct (built-in)")
+    add_model_flags(
+        parser,
+        "the adapter's base model, else SmolLM2-135M-Instruct (built-in)",
+        "the adapter's training dtype, else auto",
+    )
     parser.add_argument(
         "--max-new-tokens", type=positive_int, default=64, metavar="N", help="most tokens per answer. Default: 64"
     )
