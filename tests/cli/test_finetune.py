@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,3 +357,19 @@ def test_progress_bar_shows_loss_throughput_and_eta():
     for step in range(1, 41):
         quiet.update(step, 1.0, tokens=1)
     assert len(log.getvalue().splitlines()) == 20  # a plain line every 5% off a terminal
+
+
+def test_an_eetq_checkpoint_from_quantize_trains_like_its_float_model(tiny_model, qa_file, tmp_path):
+    quantized = tmp_path / "quantized"
+    # plain layout: the tiny model's 32-wide k/v projections are not multiples of 64
+    assert main(["quantize", str(tiny_model), str(quantized), "--layout", "plain", "--no-progress"]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (quantized / name).exists():
+            shutil.copy(tiny_model / name, quantized / name)
+    assert main(tiny_args(tiny_model, qa_file, tmp_path / "float")) == 0
+    assert main(tiny_args(quantized, qa_file, tmp_path / "int8")) == 0
+    from_float, from_int8 = metrics_of(tmp_path / "float"), metrics_of(tmp_path / "int8")
+    assert from_int8["held_out"] == from_float["held_out"]
+    assert from_int8["training"]["losses"] == from_float["training"]["losses"]
+    assert from_int8["model"]["float32_bytes"] == from_float["model"]["float32_bytes"]
+    assert from_int8["model"]["int8_base_bytes"] == from_float["model"]["int8_base_bytes"]

@@ -104,6 +104,21 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def float32_bytes(module: torch.nn.Module) -> int:
+    """Bytes the module's parameters and buffers would take in float32, whatever they are now.
+
+    EETQ scales are not counted (a float model has none), so an already-quantized checkpoint
+    reports the same float32 size as the float model it came from.
+    """
+    seen, total = set(), 0
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if id(tensor) in seen or name.endswith("weight_scales"):
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * 4
+    return total
+
+
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
@@ -131,11 +146,11 @@ def load_quantized(source: ModelSource, dtype: torch.dtype, device: torch.device
         if bars:
             hf_logging.enable_progress_bar()
     parameters = sum(p.numel() for p in model.parameters())
-    float32_bytes = tensor_bytes(model)
-    quantize_model(model)
+    float32_size = float32_bytes(model)
+    quantize_model(model)  # an EETQ checkpoint (eetq-lora quantize) arrives quantized; this is then a no-op
     model.to(device=device, dtype=dtype)
     model.eval()
-    return LoadedModel(model, tokenizer, source, dtype, float32_bytes, tensor_bytes(model), parameters)
+    return LoadedModel(model, tokenizer, source, dtype, float32_size, tensor_bytes(model), parameters)
 
 
 def default_device(name: str = "auto") -> torch.device:
