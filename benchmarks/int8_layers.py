@@ -128,16 +128,12 @@ def build_impls(in_features: int, out_features: int, names: list[str]) -> tuple[
     linear = float_linear(in_features, out_features)
     built: dict[str, Impl] = {}
     failed: dict[str, str] = {}
-    shared_eetq: nn.Module | None = None
     for name in names:
         builder, dtype, compute = BUILDERS[name]
         try:
-            if builder is _eetq:
-                # The eetq variants differ only in activation and compute dtype: one layer serves all.
-                shared_eetq = shared_eetq or _eetq(linear)
-                module = shared_eetq
-            else:
-                module = builder(linear)
+            # Every implementation gets its own weight, even variants of one layer: a weight shared
+            # by neighbours in the rounds would still be in the cache for the second one.
+            module = builder(linear)
         except Exception as error:  # noqa: BLE001 - a peer that does not build is reported, not fatal
             failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
             continue
