@@ -240,21 +240,21 @@ def test_progress_bar_goes_to_stderr(tmp_path, capsys):
 # ---- failures ------------------------------------------------------------------------------
 
 
-def expect_usage_error(capsys, *args, message: str) -> None:
+def expect_input_error(capsys, *args, message: str) -> None:
     capsys.readouterr()  # drop what setting up the folders printed
-    assert run_cli(*args) == 2
+    assert run_cli(*args) == 1  # bad input: the same exit code as every other subcommand
     err = capsys.readouterr().err
     assert err.startswith("eetq-lora quantize: error: ") and message in err, err
 
 
 def test_missing_source(tmp_path, capsys):
-    expect_usage_error(capsys, tmp_path / "nope", tmp_path / "out", message="does not exist")
+    expect_input_error(capsys, tmp_path / "nope", tmp_path / "out", message="does not exist")
     assert not (tmp_path / "out").exists()
 
 
 def test_source_without_config(tmp_path, capsys):
     (tmp_path / "src").mkdir()
-    expect_usage_error(capsys, tmp_path / "src", tmp_path / "out", message="no config.json")
+    expect_input_error(capsys, tmp_path / "src", tmp_path / "out", message="no config.json")
 
 
 def test_source_without_safetensors(tmp_path, capsys):
@@ -262,7 +262,7 @@ def test_source_without_safetensors(tmp_path, capsys):
     model = tiny_llama()
     model.config.save_pretrained(src)
     torch.save(model.state_dict(), src / "pytorch_model.bin")
-    expect_usage_error(capsys, src, tmp_path / "out", message="no model.safetensors")
+    expect_input_error(capsys, src, tmp_path / "out", message="no model.safetensors")
     assert not (tmp_path / "out").exists()
 
 
@@ -271,22 +271,22 @@ def test_existing_output_is_refused_and_untouched(tmp_path, capsys):
     float_folder(src)
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    expect_usage_error(capsys, src, out, message="already exists; choose another output folder or pass --overwrite")
+    expect_input_error(capsys, src, out, message="already exists; choose another output folder or pass --overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_output_inside_source_is_refused(tmp_path, capsys):
     src = tmp_path / "float"
     float_folder(src)
-    expect_usage_error(capsys, src, src / "int8", message="must be outside the source folder")
-    expect_usage_error(capsys, src, src, "--overwrite", message="must be outside the source folder")
+    expect_input_error(capsys, src, src / "int8", message="must be outside the source folder")
+    expect_input_error(capsys, src, src, "--overwrite", message="must be outside the source folder")
 
 
 def test_already_quantized_source(tmp_path, capsys):
     src, out = tmp_path / "float", tmp_path / "int8"
     float_folder(src)
     assert run_cli(src, out) == 0
-    expect_usage_error(capsys, out, tmp_path / "again", message="already quantized (quant_method 'eetq')")
+    expect_input_error(capsys, out, tmp_path / "again", message="already quantized (quant_method 'eetq')")
 
 
 def test_tensor_names_that_do_not_match_the_model(tmp_path, capsys):
@@ -294,12 +294,15 @@ def test_tensor_names_that_do_not_match_the_model(tmp_path, capsys):
     float_folder(src)
     tensors = load_file(src / "model.safetensors")
     save_file({key.replace("model.", "transformer.", 1): t for key, t in tensors.items()}, src / "model.safetensors")
-    expect_usage_error(capsys, src, tmp_path / "out", message="tensor names differ")
+    expect_input_error(capsys, src, tmp_path / "out", message="tensor names differ")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
 
 
-def test_bad_threads(tmp_path, capsys):
-    expect_usage_error(capsys, tmp_path, tmp_path / "out", "--threads", "0", message="--threads must be at least 1")
+def test_bad_threads_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", str(tmp_path), str(tmp_path / "out"), "--threads", "0"])
+    assert info.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
 
 
 def test_unknown_layout_is_an_argparse_error(tmp_path):

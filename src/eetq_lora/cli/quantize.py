@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..quant.convert import CheckpointError, quantize_checkpoint
 from ..quant.layout import DEFAULT_LAYOUT, LAYOUTS
-
-EXIT_USAGE = 2
+from .common import EXIT_OK, add_subcommand, fail, positive_int
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``quantize`` subcommand to the ``eetq-lora`` parser."""
-    parser = subparsers.add_parser(
+    parser = add_subcommand(
+        subparsers,
         "quantize",
-        help="quantize a float safetensors model folder to EETQ int8",
-        description=(
-            "Quantize every nn.Linear weight of a transformers model folder to EETQ int8, one tensor at a "
-            "time, and write a folder that from_pretrained loads (after `import eetq_lora`, on any device; "
-            "with stock transformers + EETQ on a GPU for the sm75 layout)."
-        ),
+        "quantize a float safetensors model folder to EETQ int8",
+        "Quantize every nn.Linear weight of a transformers model folder to EETQ int8, one tensor at a "
+        "time, and write a folder that from_pretrained loads (after `import eetq_lora`, on any device; "
+        "with stock transformers + EETQ on a GPU for the sm75 layout).",
     )
     parser.add_argument(
         "src", metavar="SRC", help="float model folder: config.json and model.safetensors (or an index and shards)"
@@ -45,7 +42,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="weights quantized at once, one core each (default: every core)",
@@ -56,10 +53,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the conversion and print a summary; returns the exit code (2 for unusable input)."""
-    if args.threads is not None and args.threads < 1:
-        print("eetq-lora quantize: error: --threads must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
+    """Run the conversion and print a summary; returns the exit code (1 for unusable input, as every subcommand)."""
     skips = args.skip if args.skip is not None else ["lm_head"]
     try:
         report = quantize_checkpoint(
@@ -72,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except CheckpointError as error:
-        print(f"eetq-lora quantize: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail("quantize", str(error))
     mib = 2**20
     print(f"wrote {args.out}")
     print(
@@ -94,4 +87,4 @@ def run(args: argparse.Namespace) -> int:
         )
     elif report.layout == "plain":
         print("note: stock EETQ cannot read plain-layout checkpoints; eetq_lora reads them anywhere")
-    return 0
+    return EXIT_OK
