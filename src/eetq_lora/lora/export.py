@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .._compat import eetq_layer_classes
+from ..files import publish_folder
 from ..quant.linear import EetqLinear
 from ..quant.model import quantize_model
 from .layer import EetqLoraLinear
@@ -170,22 +169,5 @@ def export_merged(
                 module.bias.data = module.bias.data.to(torch.float16)
         logger.info("eetq_lora: requantization error (relative Frobenius) overall %.3e", report.overall_error)
 
-    _save_atomically(to_save, out_dir, overwrite)
+    publish_folder(to_save.save_pretrained, out_dir, replace=overwrite)
     return report
-
-
-def _save_atomically(model: nn.Module, out_dir: Path, overwrite: bool) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(staging)
-        if out_dir.exists() and overwrite:
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, trash / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
