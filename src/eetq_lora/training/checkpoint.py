@@ -29,7 +29,7 @@ def save_checkpoint(out: Path, peft_model, optimizer: torch.optim.Optimizer, sta
         torch.save(rng, folder / "rng.pt")
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
-    return publish_folder(build, checkpoint_path(out), replace=True)
+    return publish_folder(build, checkpoint_path(out), if_exists="replace")
 
 
 def read_state(out: Path) -> dict | None:
