@@ -23,12 +23,17 @@ MiB = 2**20
 
 
 def interleaved_medians(
-    candidates: dict[str, Callable[[], object]], min_rounds: int = 3, max_rounds: int = 15, budget_s: float = 4.0
+    candidates: dict[str, Callable[[], object]],
+    min_rounds: int = 3,
+    max_rounds: int = 15,
+    budget_s: float = 4.0,
+    before_each: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Median seconds per call of each candidate, timed round-robin so load changes hit all alike.
 
     Each candidate runs once untimed first; then rounds continue until ``max_rounds`` or until
-    ``budget_s`` is spent (never fewer than ``min_rounds``).
+    ``budget_s`` is spent (never fewer than ``min_rounds``). ``before_each`` runs, untimed, before
+    every timed call.
     """
     for fn in candidates.values():
         fn()
@@ -36,6 +41,8 @@ def interleaved_medians(
     started = time.perf_counter()
     for round_index in range(max_rounds):
         for name, fn in candidates.items():
+            if before_each is not None:
+                before_each()
             begin = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - begin)
@@ -79,6 +86,20 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class CacheScrubber:
+    """Reads a buffer twice the size of a large last-level cache, leaving caches cold and clean.
+
+    Run before each timed call, it gives every implementation the same start: its weight in DRAM
+    and no dirty lines left by the previous one to write back.
+    """
+
+    def __init__(self, mebibytes: int = 64) -> None:
+        self.buffer = torch.ones(mebibytes * MiB // 4)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
 
 
 def peak_extra_bytes(fn: Callable[[], object]) -> int:

@@ -23,6 +23,8 @@ import eetq_lora
 from eetq_lora.kernels import compute_dtype
 
 RANK, ALPHA = 16, 32
+# Every timed call starts with cold, clean caches, as a layer's weight in a real model would be.
+_SCRUB = bench_utils.CacheScrubber()
 
 
 @dataclass
@@ -188,5 +190,7 @@ def time_cell(
         grad = torch.randn(rows, out_features).to(impl.dtype) if backward else None
         calls[name] = _call(impl, x, grad)
     peaks = {name: bench_utils.peak_extra_bytes(fn) / bench_utils.MiB for name, fn in calls.items()}
-    medians = bench_utils.interleaved_medians(calls, min_rounds=rounds[0], max_rounds=rounds[1], budget_s=budget_s)
+    medians = bench_utils.interleaved_medians(
+        calls, min_rounds=rounds[0], max_rounds=rounds[1], budget_s=budget_s, before_each=_SCRUB
+    )
     return {name: {"ms": seconds * 1e3, "peak_mib": peaks.get(name, math.nan)} for name, seconds in medians.items()}

@@ -11,7 +11,9 @@ then a SmolLM2-135M-shaped llama training step. Writes results.json, results.md 
 target checks) and results.png to DIR (default benchmarks/results).
 
 Timings are medians of interleaved rounds (every implementation once per round), so a load
-change on a shared machine hits all of them alike; compare ratios, not absolute times.
+change on a shared machine hits all of them alike; compare ratios, not absolute times. Before
+every timed call a 64 MiB read leaves the caches cold and clean, so no implementation finds its
+weight cached or pays for the previous one's dirty lines.
 OMP_WAIT_POLICY=PASSIVE is set before torch loads (bench_utils), which removes ~8 ms OpenMP
 stalls. ``dram`` is the read bandwidth of a float32 sum over 256 MiB, measured right before and
 after each M=1 forward cell (inside its rounds it would slow whatever ran next); the M=1 roofline

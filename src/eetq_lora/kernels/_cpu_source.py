@@ -256,6 +256,8 @@ int eetq_rowaxpy(const float* a, int64_t M, int64_t lda, const int8_t* q, int64_
         float* acc = partial + (int64_t)t * M * C;
         int64_t ra = R * t / nt, rb = R * (t + 1) / nt;
         if (ra == rb) memset(acc, 0, sizeof(float) * M * C);
+        /* The first panel has no earlier one to prefetch it: fetch it in order before its column tiles hop rows. */
+        for (const int8_t* p = q + ra * ldq; p < q + MIN(rb, ra + panel) * ldq; p += 64) __builtin_prefetch(p, 0, 2);
         for (int64_t r0 = ra; r0 < rb; r0 += panel) {
             int64_t r1 = MIN(rb, r0 + panel), r2 = MIN(rb, r1 + panel);
             axpy_panel(g, M, R, q, ldq, C, r0, r1, acc, r0 == ra, q + r1 * ldq, q + r2 * ldq);
