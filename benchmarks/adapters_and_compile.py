@@ -21,23 +21,15 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from train_step import smollm2_config  # noqa: E402  (the one SmolLM2-135M shape all benchmarks use)
+from transformers import LlamaForCausalLM  # noqa: E402
 
 import eetq_lora  # noqa: E402
 
 
 def smollm2_shaped(layers: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(smollm2_config(layers))
 
 
 def median_seconds(fn, repeats: int) -> float:

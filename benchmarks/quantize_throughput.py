@@ -19,26 +19,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from train_step import smollm2_config  # the one SmolLM2-135M shape all benchmarks use
+from transformers import LlamaForCausalLM
 
 from eetq_lora.quant.convert import quantize_checkpoint
 from eetq_lora.quant.layout import pack_weight
 from eetq_lora.quant.quantize import quantize_weight
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def smollm2_135m_config(layers: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
 
 
 def timed(fn) -> float:
@@ -58,7 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
 
-    model = LlamaForCausalLM(smollm2_135m_config(args.layers)).to(dtype).eval()
+    model = LlamaForCausalLM(smollm2_config(args.layers)).to(dtype).eval()
     total = sum(p.numel() for p in model.parameters())
     linears = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
     linear_params = sum(w.numel() for w in linears)
