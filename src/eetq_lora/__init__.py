@@ -7,6 +7,7 @@ any device; ``disable_transformers()`` restores transformers' own (CUDA-only) qu
 
 from ._compat import is_eetq_available
 from .integrations import disable_transformers, enable_transformers, mark_eetq_quantized
+from .kernels import compute_dtype, set_compute_dtype
 from .lora import (
     EetqLoraLinear,
     ExportReport,
@@ -27,6 +28,7 @@ __all__ = [
     "EetqLinear",
     "EetqLoraLinear",
     "add_adapter",
+    "compute_dtype",
     "dequantize_weight",
     "disable_transformers",
     "dispatch_eetq",
@@ -41,4 +43,5 @@ __all__ = [
     "quantize_weight",
     "register_eetq",
     "set_checkpoint_layout",
+    "set_compute_dtype",
 ]
