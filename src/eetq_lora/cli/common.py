@@ -73,6 +73,22 @@ def add_model_flags(parser: argparse.ArgumentParser, model_default: str, dtype_d
     )
 
 
+def add_adapter_flags(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--adapter (repeatable) and --base, shared by the commands that use trained adapters."""
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="adapter folder (a finetune --out); repeat to compare several",
+    )
+    parser.add_argument(
+        "--base",
+        action="store_true",
+        help=f"also {verb} the quantized base model alone (the default when no --adapter is given)",
+    )
+
+
 def add_subcommand(subparsers, name: str, summary: str, description: str) -> argparse.ArgumentParser:
     return subparsers.add_parser(
         name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import EXIT_OK, add_model_flags, add_subcommand, handles_errors, positive_int
+from .common import EXIT_OK, add_adapter_flags, add_model_flags, add_subcommand, handles_errors, positive_int
 
 DESCRIPTION = """\
 Load the base model, quantize it to EETQ int8, attach the adapter(s) and score each on held-out
@@ -23,18 +23,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser = add_subcommand(
         subparsers, "eval", "score EETQ int8 models with LoRA adapter(s) on held-out data", DESCRIPTION
     )
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="adapter folder (a finetune --out); repeat to compare several",
-    )
-    parser.add_argument(
-        "--base",
-        action="store_true",
-        help="also score the quantized base model alone (the default when no --adapter is given)",
-    )
+    add_adapter_flags(parser, "score")
     add_model_flags(
         parser,
         "the adapter's base model, else SmolLM2-135M-Instruct (built-in)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import EXIT_OK, add_model_flags, add_subcommand, handles_errors, positive_int
+from .common import EXIT_OK, add_adapter_flags, add_model_flags, add_subcommand, handles_errors, positive_int
 
 DESCRIPTION = """\
 Load the base model, quantize it to EETQ int8, attach the adapter(s) and answer each PROMPT.
@@ -25,18 +25,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         subparsers, "generate", "answer prompts with an EETQ int8 model and LoRA adapter(s)", DESCRIPTION
     )
     parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="the prompt(s) to answer")
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="adapter folder (a finetune --out); repeat to compare several",
-    )
-    parser.add_argument(
-        "--base",
-        action="store_true",
-        help="also answer with the quantized base model alone (the default when no --adapter is given)",
-    )
+    add_adapter_flags(parser, "answer with")
     add_model_flags(
         parser,
         "the adapter's base model, else SmolLM2-135M-Instruct (built-in)",

@@ -204,17 +204,19 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def rowdot(
-    a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None
+def _streamed(
+    kernel: str,
+    a: torch.Tensor,
+    q: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    col_scale: torch.Tensor | None,
+    out_columns: int,
 ) -> torch.Tensor:
-    """``a [M, C] @ dequant(q [R, C])^T`` in float32.
-
-    ``out[m, r] = row_scale[r] * sum_c a[m, c] * col_scale[c] * q[r, c]`` (a missing scale is 1).
-    """
+    # rowdot and rowaxpy share one C signature; only the output width differs.
     lib = library()
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
-    out = torch.empty(m, r, dtype=torch.float32)
-    status_code = lib.eetq_rowdot(
+    out = torch.empty(m, out_columns, dtype=torch.float32)
+    status_code = getattr(lib, f"eetq_{kernel}")(
         a.data_ptr(),
         m,
         a.stride(0),
@@ -225,12 +227,22 @@ def rowdot(
         _ptr(row_scale),
         _ptr(col_scale),
         out.data_ptr(),
-        r,
+        out_columns,
         torch.get_num_threads(),
     )
     if status_code != 0:
-        raise MemoryError("eetq_lora: the CPU rowdot kernel could not allocate its workspace")
+        raise MemoryError(f"eetq_lora: the CPU {kernel} kernel could not allocate its workspace")
     return out
+
+
+def rowdot(
+    a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """``a [M, C] @ dequant(q [R, C])^T`` in float32.
+
+    ``out[m, r] = row_scale[r] * sum_c a[m, c] * col_scale[c] * q[r, c]`` (a missing scale is 1).
+    """
+    return _streamed("rowdot", a, q, row_scale, col_scale, q.shape[0])
 
 
 def rowaxpy(
@@ -240,26 +252,7 @@ def rowaxpy(
 
     ``out[m, c] = col_scale[c] * sum_r a[m, r] * row_scale[r] * q[r, c]`` (a missing scale is 1).
     """
-    lib = library()
-    m, r, c = a.shape[0], q.shape[0], q.shape[1]
-    out = torch.empty(m, c, dtype=torch.float32)
-    status_code = lib.eetq_rowaxpy(
-        a.data_ptr(),
-        m,
-        a.stride(0),
-        q.data_ptr(),
-        r,
-        c,
-        q.stride(0),
-        _ptr(row_scale),
-        _ptr(col_scale),
-        out.data_ptr(),
-        c,
-        torch.get_num_threads(),
-    )
-    if status_code != 0:
-        raise MemoryError("eetq_lora: the CPU rowaxpy kernel could not allocate its workspace")
-    return out
+    return _streamed("rowaxpy", a, q, row_scale, col_scale, q.shape[1])
 
 
 def dequantize_into(
