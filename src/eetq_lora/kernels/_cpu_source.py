@@ -198,6 +198,18 @@ INLINE void axpy_tile(int MB, int CV, const float* g, int64_t ldg, const int8_t*
         for (int v = 0; v < CV; v++) store_f(acc + i * ldacc + c0 + 16 * v, s[i][v]);
 }
 
+// Thread t's share of summing the nt per-thread partial [M, C] results into out (scaled per column).
+static void reduce_partials(const float* partial, int nt, int t, int64_t M, int64_t C, const float* col_scale,
+                            float* out, int64_t ldo) {
+    int64_t total = M * C, e0 = total * t / nt, e1 = total * (t + 1) / nt;
+    for (int64_t e = e0; e < e1; e++) {
+        float v = 0.f;
+        for (int u = 0; u < nt; u++) v += partial[(int64_t)u * total + e];
+        int64_t m = e / C, c = e % C;
+        out[m * ldo + c] = col_scale ? v * col_scale[c] : v;
+    }
+}
+
 static void axpy_panel(const float* g, int64_t M, int64_t ldg, const int8_t* q, int64_t ldq, int64_t C, int64_t r0,
                        int64_t r1, float* acc, int first, const int8_t* pf, const int8_t* pf_end) {
     int wide = M <= 2;
@@ -263,13 +275,7 @@ int eetq_rowaxpy(const float* a, int64_t M, int64_t lda, const int8_t* q, int64_
             axpy_panel(g, M, R, q, ldq, C, r0, r1, acc, r0 == ra, q + r1 * ldq, q + r2 * ldq);
         }
         #pragma omp barrier
-        int64_t total = M * C, e0 = total * t / nt, e1 = total * (t + 1) / nt;
-        for (int64_t e = e0; e < e1; e++) {
-            float v = 0.f;
-            for (int u = 0; u < nt; u++) v += partial[(int64_t)u * total + e];
-            int64_t m = e / C, c = e % C;
-            out[m * ldo + c] = col_scale ? v * col_scale[c] : v;
-        }
+        reduce_partials(partial, nt, t, M, C, col_scale, out, ldo);
     }
     free(partial);
     return 0;
@@ -470,13 +476,7 @@ int eetq_rowaxpy_bf16(const uint16_t* a, int64_t M, int64_t lda, const int8_t* q
                 for (int64_t c = 0; c < C; c++) acc[m * C + c] += x * (float)q[(R - 1) * ldq + c];
             }
         #pragma omp barrier
-        int64_t total = M * C, e0 = total * t / nt, e1 = total * (t + 1) / nt;
-        for (int64_t e = e0; e < e1; e++) {
-            float v = 0.f;
-            for (int u = 0; u < nt; u++) v += partial[(int64_t)u * total + e];
-            int64_t m = e / C, c = e % C;
-            out[m * ldo + c] = col_scale ? v * col_scale[c] : v;
-        }
+        reduce_partials(partial, nt, t, M, C, col_scale, out, ldo);
     }
     free(partial);
     free(gp);
