@@ -44,7 +44,9 @@ class EetqLinear(nn.Module):
     ) -> None:
         super().__init__()
         if in_features <= 0 or out_features <= 0:
-            raise ValueError(f"EetqLinear needs positive sizes, got in_features={in_features}, out_features={out_features}")
+            raise ValueError(
+                f"EetqLinear needs positive sizes, got in_features={in_features}, out_features={out_features}"
+            )
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"EetqLinear dtype is the bias dtype and must be a float dtype, got {dtype}")
         self.in_features = in_features
@@ -68,7 +70,9 @@ class EetqLinear(nn.Module):
         weight = linear.weight
         if weight.device.type == "meta":
             raise ValueError("EetqLinear.from_linear got a weight on the meta device; load the weights first")
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=weight.device, dtype=dtype)
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device=weight.device, dtype=dtype
+        )
         q, scales = quantize_weight(weight)
         layer.weight.data = q
         layer.weight_scales = scales
