@@ -59,16 +59,19 @@ def test_without_compiled_kernels_cpu_uses_torch_paths(monkeypatch):
     assert select_path("cpu", torch.float32, 1, packed) == "cpu-tiled"
 
 
-def test_other_devices_and_cuda_float32_use_reference(monkeypatch):
+def test_other_devices_and_cuda_without_triton_use_reference(monkeypatch):
     qweight, _ = int8_weight(64, 48)
     assert select_path("mps", torch.float32, 1, qweight) == "reference"
-    assert select_path("cuda", torch.float32, 1, qweight) == "reference"
     monkeypatch.setattr(kernels, "_triton_usable", lambda: True)
     assert select_path("cuda", torch.float16, 1, qweight) == "cuda-triton"
-    assert select_path("cuda", torch.bfloat16, 4096, qweight, "grad_input") == "cuda-triton"
-    assert select_path("cuda", torch.float32, 1, qweight) == "reference"
+    below = kernels.CUDA_DEQUANT_MIN_ROWS - 1
+    assert select_path("cuda", torch.bfloat16, below, qweight, "grad_input") == "cuda-triton"
+    assert select_path("cuda", torch.bfloat16, below + 1, qweight, "grad_input") == "cuda-dequant"
+    assert select_path("cuda", torch.float16, 4096, qweight) == "cuda-dequant"
+    assert select_path("cuda", torch.float32, 1, qweight) == "cuda-dequant"
     monkeypatch.setattr(kernels, "_triton_usable", lambda: False)
     assert select_path("cuda", torch.float16, 1, qweight) == "reference"
+    assert select_path("cuda", torch.float32, 1, qweight) == "reference"
 
 
 def test_environment_forces_reference(monkeypatch):

@@ -18,8 +18,11 @@ Paths, by device, compute dtype and M (rows of the 2-D activation or gradient):
   buffer of the compute dtype, then that dtype's GEMM runs on it.
 - ``cpu-int8pack``: CPU without a C compiler, bfloat16 forward, M <= ``INT8PACK_MAX_ROWS``, a
   weight stored [out, in]-contiguous (torch's ``_weight_int8pack_mm``).
-- ``cuda-triton``: CUDA, float16/bfloat16 compute, Triton installed (``triton_kernels``).
-- ``reference``: everything else (CUDA float32, other devices, ``EETQ_LORA_KERNELS=reference``):
+- ``cuda-triton``: CUDA, float16/bfloat16 compute, M < ``CUDA_DEQUANT_MIN_ROWS``, Triton
+  installed: the fused w8a16 kernel reads the int8 weight directly (``triton_kernels``).
+- ``cuda-dequant``: CUDA with Triton, larger M or float32 compute: one Triton pass writes the
+  float weight (freed after the call), then cuBLAS runs the GEMM.
+- ``reference``: everything else (CUDA without Triton, other devices, ``EETQ_LORA_KERNELS=reference``):
   ``reference.py``, the pure-torch path every fast path is tested against.
 
 Without a C compiler the CPU paths run on torch operations alone, after one warning.
@@ -62,6 +65,9 @@ STREAM_MAX_ROWS = {
 # Without the bfloat16 dot-product kernels (no AVX512-BF16), bfloat16 gradients leave sooner.
 STREAM_MAX_ROWS_FLOAT32_KERNELS = {("grad_input", torch.bfloat16): 8}
 INT8PACK_MAX_ROWS = 16
+# From this M on CUDA, dequantize + cuBLAS beats the fused kernel (H200: at M=128 the fused
+# forward took 2.4x a dense F.linear, while the one-pass dequantize costs about one M=1 read).
+CUDA_DEQUANT_MIN_ROWS = 64
 
 _triton_failed: list[str] = []
 
@@ -104,15 +110,20 @@ def select_path(device_type: str, compute: torch.dtype, rows: int, qweight: torc
         ):
             return "cpu-int8pack"
         return "cpu-tiled"
-    if device_type == "cuda" and compute in (torch.float16, torch.bfloat16) and _triton_usable():
+    if device_type == "cuda" and compute in _FLOAT_DTYPES and _triton_usable():
+        if compute == torch.float32 or rows >= CUDA_DEQUANT_MIN_ROWS:
+            return "cuda-dequant"
         return "cuda-triton"
     return "reference"
 
 
-def _run_triton(op: str, a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype):
+def _run_triton(path: str, op: str, a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype):
     from . import triton_kernels
 
     try:
+        if path == "cuda-dequant":
+            weight_t = triton_kernels.dequantize(qweight, scales, compute)  # [in, out]
+            return a.to(compute) @ (weight_t if op == "forward" else weight_t.t())
         if op == "forward":
             return triton_kernels.forward(a.to(compute), qweight, scales)
         return triton_kernels.grad_input(a.to(compute), qweight, scales)
@@ -141,7 +152,7 @@ def matmul_forward(
     elif path == "cpu-int8pack":
         out = cpu.int8pack_forward(x2d, qweight, scales)
     else:
-        out = _run_triton("forward", x2d, qweight, scales, compute) if path == "cuda-triton" else None
+        out = _run_triton(path, "forward", x2d, qweight, scales, compute) if path.startswith("cuda-") else None
         if out is None:
             out = reference.forward(x2d, qweight, scales, compute)
     return out.to(x2d.dtype)
@@ -158,7 +169,7 @@ def matmul_grad_input(
     elif path == "cpu-tiled":
         out = cpu.tiled_grad_input(grad2d, qweight, scales, compute)
     else:
-        out = _run_triton("grad_input", grad2d, qweight, scales, compute) if path == "cuda-triton" else None
+        out = _run_triton(path, "grad_input", grad2d, qweight, scales, compute) if path.startswith("cuda-") else None
         if out is None:
             out = reference.grad_input(grad2d, qweight, scales, compute)
     return out.to(grad2d.dtype)

@@ -6,9 +6,14 @@ scale on columns) and the input gradient (``R = out``, ``P = in``, scale on rows
 int8 tile converts exactly to the activation dtype; a column scale multiplies the float32
 accumulator, a row scale is applied to the tile before the dot (that is the reference's
 dequantized weight, rounded once). Small M splits the reduction over several programs so the
-whole GPU streams the weight; partial sums go to a float32 buffer reduced by torch
-(deterministic, unlike atomics). bfloat16 on pre-Ampere GPUs, which have no bfloat16 tensor
-cores, runs the dot in float32, and so does Triton's interpreter (its bfloat16 dot is wrong).
+whole GPU streams the weight; partial sums go to a float32 buffer that a second small kernel
+sums in a fixed order (deterministic, unlike atomics) and casts once. bfloat16 on pre-Ampere
+GPUs, which have no bfloat16 tensor cores, runs the dot in float32, and so does Triton's
+interpreter (its bfloat16 dot is wrong).
+
+``dequantize`` writes the whole float weight in one pass over the int8 one; for large M the
+dispatcher hands that to cuBLAS, which beats any int8-reading tile loop once the GEMM is
+compute-bound.
 
 Triton is optional: ``is_available()`` is false without it. ``TRITON_INTERPRET=1`` (set before
 this module is imported) runs the kernel on CPU tensors through Triton's interpreter, which is
@@ -17,6 +22,7 @@ how CI tests it.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -122,15 +128,66 @@ if triton is not None:
         c_ptrs = c_ptr + split * stride_cs + offs_m[:, None] * stride_cm + offs_p[None, :] * stride_cp
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
 
+    @triton.jit
+    def _bf16_bits(x):
+        # float32 -> bfloat16 bits (as int16), rounded to nearest even; x is finite.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.int16, bitcast=True)
+
+    @triton.jit
+    def _dequantize_kernel(
+        q_ptr,
+        s_ptr,
+        out_ptr,
+        R,
+        P,
+        stride_qr,
+        stride_qp,
+        BF16_BITS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        # out [R, P] (contiguous) = q [R, P] * s [P]: the product is exact in float32, rounded once.
+        # BF16_BITS: out is bfloat16 seen as int16, rounded to nearest even by integer arithmetic
+        # (Triton's interpreter truncates a float32 -> bfloat16 cast; the GPU rounds; this is both).
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = (offs_r[:, None] < R) & (offs_p[None, :] < P)
+        q = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_p[None, :] * stride_qp, mask=mask, other=0)
+        s = tl.load(s_ptr + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)
+        w = q.to(tl.float32) * s[None, :]
+        result = _bf16_bits(w) if BF16_BITS else w.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs_r[:, None] * P + offs_p[None, :], result, mask=mask)
+
+    @triton.jit
+    def _sum_splits_kernel(partial_ptr, out_ptr, n, splits, stride_split, BF16_BITS: tl.constexpr, BLOCK: tl.constexpr):
+        # out[i] = sum over splits of partial[split, i], in float32, rounded once to out's dtype.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for split in range(0, splits):
+            total += tl.load(partial_ptr + split * stride_split + offs, mask=mask, other=0.0)
+        result = _bf16_bits(total) if BF16_BITS else total.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, result, mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(index: int) -> tuple[tuple[int, int], int]:
+    properties = torch.cuda.get_device_properties(index)
+    return (properties.major, properties.minor), properties.multi_processor_count
+
 
 def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+    if device.type != "cuda":
+        return (9, 0)
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
 def _processor_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda":
+        return 4
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
 def choose_config(m: int, p: int, r: int, device: torch.device) -> Config:
@@ -220,7 +277,47 @@ def w8_matmul(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out if split == 1 else out.sum(dim=0).to(a.dtype)
+    return out if split == 1 else _sum_splits(out, a.dtype)
+
+
+def _sum_splits(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    splits, m, p = partial.shape
+    out = torch.empty(m, p, dtype=dtype, device=partial.device)
+    block = 1024
+    bf16_bits = dtype == torch.bfloat16
+    target = out.view(torch.int16) if bf16_bits else out
+    grid = (triton.cdiv(m * p, block),)
+    _sum_splits_kernel[grid](partial, target, m * p, splits, partial.stride(0), BF16_BITS=bf16_bits, BLOCK=block)
+    return out
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized transposed weight Wt [in, out] in ``dtype``, written in one pass over the int8 weight.
+
+    ``fp16(q * scale)`` for float16 (EETQ's own rounding); the exact product rounded once otherwise.
+    """
+    if triton is None:
+        raise RuntimeError("eetq_lora's Triton kernel needs the triton package")
+    in_features, out_features = qweight.shape
+    out = torch.empty(in_features, out_features, dtype=dtype, device=qweight.device)
+    if out.numel() == 0:
+        return out
+    block_r, block_p = 32, 128
+    grid = (triton.cdiv(in_features, block_r), triton.cdiv(out_features, block_p))
+    bf16_bits = dtype == torch.bfloat16
+    _dequantize_kernel[grid](
+        qweight,
+        scales,
+        out.view(torch.int16) if bf16_bits else out,
+        in_features,
+        out_features,
+        qweight.stride(0),
+        qweight.stride(1),
+        BF16_BITS=bf16_bits,
+        BLOCK_R=block_r,
+        BLOCK_P=block_p,
+    )
+    return out
 
 
 def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
