@@ -8,6 +8,8 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 
+from .side_path import lora_side_path
+
 # Inits that derive A/B from (and rewrite) the float base weight; an int8 base cannot provide that.
 _BASE_WEIGHT_INITS = ("pissa", "corda", "olora", "loftq", "orthogonal", "mica", "lora_ga")
 _SUPPORTED_INITS = 'init_lora_weights=True (Kaiming-uniform A, zero B), "gaussian", or False'
@@ -104,12 +106,25 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
         # Under autocast the adapter runs in the autocast dtype; otherwise x follows lora_A's dtype
         # and the output goes back to the base result's dtype.
         requires_conversion = not torch.is_autocast_enabled(x.device.type)
+        if requires_conversion and self._plain_adapter(lora_A, lora_B):
+            return lora_side_path(dropout(x), lora_A.weight, lora_B.weight, scaling, result_dtype)
         if requires_conversion:
             x = self._cast_input_dtype(x, lora_A.weight.dtype)
         output = lora_B(lora_A(dropout(x)))
         if requires_conversion:
             output = output.to(result_dtype)
         return output * scaling
+
+    def _plain_adapter(self, lora_A: torch.nn.Module, lora_B: torch.nn.Module) -> bool:
+        # The one-node side path covers bias-free nn.Linear adapters with PEFT's input cast on;
+        # anything else (lora_bias, disabled casting) takes PEFT's module calls.
+        return (
+            type(lora_A) is torch.nn.Linear
+            and type(lora_B) is torch.nn.Linear
+            and lora_A.bias is None
+            and lora_B.bias is None
+            and getattr(self, "cast_input_dtype_enabled", True)
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
