@@ -7,6 +7,12 @@ Configurations: ``peft-fp32`` and ``peft-bf16`` (PEFT LoRA on the float model), 
 and ``eetq-fp32`` (EETQ int8 base, LoRA, activations in that dtype) and ``eetq-fp32/bf16c``
 (float32 activations with bfloat16 compute). The model is built from config with random
 weights: hidden 576, intermediate 1536, 30 layers, 9 heads, 3 KV heads, vocab 49152.
+
+Every token is labelled. The PEFT configurations take transformers' loss (``model(...,
+labels=...).loss``), as a PEFT training loop does; the eetq ones take eetq-lora's training
+step (``eetq_lora.training.loss.answer_token_stats``: the same mean next-token loss, with the
+vocabulary projection and cross-entropy in chunks). ``eetq-bf16/hf-loss`` is eetq-bf16 with
+transformers' loss, to show what the chunked loss itself saves.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import eetq_lora
 from eetq_lora.kernels import compute_dtype
+from eetq_lora.training.loss import answer_token_stats
 
-CONFIGS = ("peft-fp32", "peft-bf16", "eetq-bf16", "eetq-fp32", "eetq-fp32/bf16c")
+CONFIGS = ("peft-fp32", "peft-bf16", "eetq-bf16", "eetq-bf16/hf-loss", "eetq-fp32", "eetq-fp32/bf16c")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -48,7 +55,7 @@ def build(config_name: str, layers: int) -> tuple[torch.nn.Module, torch.dtype |
     """The LoRA model of one configuration, and the compute dtype it trains under."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(smollm2_config(layers))
-    activation = torch.float32 if config_name.endswith(("fp32", "bf16c")) else torch.bfloat16
+    activation = torch.float32 if "fp32" in config_name else torch.bfloat16
     model.to(activation)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
     if config_name.startswith("eetq"):
@@ -72,9 +79,16 @@ def run(config_name: str, batch: int, seq: int, steps: int, layers: int) -> dict
     model_rss = bench_utils.rss_bytes()
     bench_utils.reset_peak_rss()
 
+    labelled = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
+    library_loss = config_name.startswith("eetq") and not config_name.endswith("hf-loss")
+
     def step() -> float:
         with compute_dtype(compute):
-            loss = model(input_ids=tokens, labels=tokens).loss
+            if library_loss:
+                stats = answer_token_stats(model, labelled)
+                loss = stats.nll / stats.tokens
+            else:
+                loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
