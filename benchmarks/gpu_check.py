@@ -60,7 +60,7 @@ NOMINAL_GBPS = {
     "T4": 320,
     "A10": 600,
 }
-BUDGET = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+BUDGET = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
 RANK, ALPHA = 16, 32
 
 
@@ -142,7 +142,10 @@ def random_weight(in_features: int, out_features: int, device: torch.device, see
 
 def kernel_section(clock: Clock, device, shapes, rows_list, bandwidth: float, nominal: float) -> int:
     print("\n## 1. Kernel (graph-replayed, cold weights)")
-    print("dtype shape M | err fwd, grad | ms: triton fwd, triton grad, F.linear, int8pack | M=1 weight read rate")
+    print(
+        "dtype shape M | err fwd, grad | ms: triton fwd, triton grad, dequantize+matmul, F.linear, int8pack "
+        "| M=1 weight read rate"
+    )
     failures = 0
     for dtype in (torch.float16, torch.bfloat16):
         for in_features, out_features in shapes:
@@ -164,6 +167,10 @@ def kernel_section(clock: Clock, device, shapes, rows_list, bandwidth: float, no
                 grads = [lambda q=q, s=s, g=grad: triton_kernels.grad_input(g, q, s) for q, s in weights]
                 t_grad = clock.graph_ms(grads)
                 t_linear = clock.graph_ms([lambda w=w, x=x: F.linear(x, w) for w in dense])
+                dequant_calls = [
+                    lambda q=q, s=s, x=x, d=dtype: x @ triton_kernels.dequantize(q, s, d) for q, s in weights
+                ]
+                t_dequant = clock.graph_ms(dequant_calls)
                 try:
                     pack_calls = [lambda w=w, s=s, x=x: torch.ops.aten._weight_int8pack_mm(x, w, s) for w, s in packed]
                     t_pack = clock.graph_ms(pack_calls)
@@ -171,7 +178,7 @@ def kernel_section(clock: Clock, device, shapes, rows_list, bandwidth: float, no
                     t_pack = float("nan")
                 line = (
                     f"{str(dtype)[6:]} {in_features}x{out_features} {rows} | {err_y:.1e} {err_dx:.1e} "
-                    f"{'ok' if ok else 'WRONG'} | {t_fwd:.4f} {t_grad:.4f} {t_linear:.4f} {t_pack:.4f}"
+                    f"{'ok' if ok else 'WRONG'} | {t_fwd:.4f} {t_grad:.4f} {t_dequant:.4f} {t_linear:.4f} {t_pack:.4f}"
                 )
                 if rows == 1:
                     gbps = in_features * out_features / (t_fwd / 1e3) / 1e9
@@ -225,7 +232,7 @@ def layer_section(clock: Clock, device, shapes, rows_list) -> int:
     print("\n## 3. Layer: EetqLoraLinear r=16 vs PEFT LoRA on a dense layer (eager ms)")
     print("dtype shape M | path | eetq fwd, peft fwd, ratio | eetq fwd+bwd, peft fwd+bwd, ratio | err vs dense")
     failures = 0
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for in_features, out_features in shapes:
             torch.manual_seed(0)
             linear = nn.Linear(in_features, out_features, bias=False)

@@ -30,10 +30,17 @@ def test_stream_kernels_match_float64(shape, layout, rows, dtype):
     grad = torch.randn(rows, shape[1]).to(dtype)
     y = cpu.stream_forward(x, qweight, scales)
     dx = cpu.stream_grad_input(grad, qweight, scales)
-    # float32 accumulation from exact inputs, whatever the activation dtype.
-    assert y.dtype == dx.dtype == torch.float32
-    assert relative_error(y, float64_forward(x, qweight, scales)) < EXACT
-    assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < EXACT
+    # float32 accumulation from exact inputs, whatever the activation dtype; a bfloat16 input gets
+    # its result back in bfloat16, rounded once at the end.
+    expected_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    budget = 2**-8 if dtype == torch.bfloat16 else EXACT
+    assert y.dtype == dx.dtype == expected_dtype
+    assert relative_error(y, float64_forward(x, qweight, scales)) < budget
+    assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < budget
+    if dtype == torch.bfloat16 and rows:
+        # Exactly the float32 kernel's result, rounded once.
+        exact = cpu.stream_forward(x.float(), qweight, scales)
+        assert torch.equal(y, exact.bfloat16())
 
 
 @needs_native
@@ -46,8 +53,11 @@ def test_stream_kernels_in_bfloat16_compute_match_float64(shape, layout, rows):
     grad = torch.randn(rows, shape[1]).bfloat16()
     y = cpu.stream_forward(x, qweight, scales, torch.bfloat16)
     dx = cpu.stream_grad_input(grad, qweight, scales, torch.bfloat16)
-    # bfloat16 activations are exact in the forward; the gradient rounds grad * scale once.
-    assert relative_error(y, float64_forward(x, qweight, scales)) < EXACT
+    # bfloat16 activations are exact in the forward; the gradient rounds grad * scale once. Below
+    # BF16_DOT_MIN_ROWS the float32 kernels run and hand back bfloat16, rounded once.
+    assert y.dtype in (torch.float32, torch.bfloat16)
+    forward_budget = EXACT if y.dtype == torch.float32 else 2**-8
+    assert relative_error(y, float64_forward(x, qweight, scales)) < forward_budget
     assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < BF16
 
 
@@ -164,3 +174,22 @@ def test_int8pack_fallback_matches_float64(rows):
     y = cpu.int8pack_forward(x, qweight, scales)
     assert y.dtype == torch.bfloat16
     assert relative_error(y, float64_forward(x, qweight, scales)) < BF16
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", ["rowaxpy", "rowdot"])
+@pytest.mark.parametrize("scale_on_rows", [True, False])
+def test_one_call_entry_converts_float16_scales_exactly(kernel, scale_on_rows):
+    # Subnormal, zero, tiny and large float16 scales must reach the kernel as their exact float32 values.
+    q = torch.randint(-128, 128, (40, 24), dtype=torch.int8)
+    count = q.shape[0] if scale_on_rows else q.shape[1]
+    special = torch.tensor([6e-8, 1e-6, 5.9e-5, 0.0, 6.2e-5, 1e-3, 1.0, 60000.0], dtype=torch.float16)
+    scales = torch.cat([special, (torch.rand(count - len(special)) / 64).half()])
+    a = torch.randn(3, q.shape[0] if kernel == "rowaxpy" else q.shape[1])
+    row_scale, col_scale = (scales.float(), None) if scale_on_rows else (None, scales.float())
+    expected = getattr(native, kernel)(a, q, row_scale, col_scale)
+    assert torch.equal(native.stream(a, q, scales, kernel, scale_on_rows), expected)
+    assert torch.equal(
+        native.stream(a.bfloat16(), q, scales, kernel, scale_on_rows),
+        getattr(native, kernel)(a.bfloat16().float(), q, row_scale, col_scale).bfloat16(),
+    )

@@ -149,3 +149,45 @@ def test_autograd_saves_only_the_int8_weight_and_scales(monkeypatch, use_native,
     upstream = torch.randn(rows, 80)
     y.backward(upstream)
     assert relative_error(x.grad, float64_grad_input(upstream, qweight, scales)) < BUDGET[torch.float32]
+
+
+@pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_step_skips_the_general_dispatch_and_agrees_with_it(monkeypatch, dtype, rows):
+    qweight, scales = int8_weight(96, 80)
+    x = torch.randn(1, rows, 96).to(dtype)
+    bias = torch.randn(80).half()
+    expected = kernels.matmul_forward(x.reshape(-1, 96), qweight, scales).reshape(1, rows, 80) + bias.to(dtype)
+    monkeypatch.setattr(kernels, "matmul_forward", lambda *args: pytest.fail("took the general path"))
+    with torch.no_grad():
+        out = kernels.int8_linear(x, qweight, scales, bias)
+    assert out.dtype == dtype and torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+def test_decode_step_leaves_training_and_other_cases_to_the_dispatcher(monkeypatch):
+    qweight, scales = int8_weight(96, 80)
+    calls = []
+    general = kernels.matmul_forward
+    monkeypatch.setattr(kernels, "matmul_forward", lambda *args: calls.append(1) or general(*args))
+    kernels.int8_linear(torch.randn(2, 96, requires_grad=True), qweight, scales, None)  # autograd
+    with torch.no_grad():
+        kernels.int8_linear(torch.randn(2, 96).half(), qweight, scales, None)  # float16
+        kernels.int8_linear(torch.randn(8, 96), qweight, scales, None)  # M past the decode rows
+        kernels.int8_linear(torch.randn(2, 96), qweight.t().contiguous().t(), scales, None)  # [out, in] storage
+        monkeypatch.setenv("EETQ_LORA_KERNELS", "reference")
+        kernels.int8_linear(torch.randn(2, 96), qweight, scales, None)
+    assert len(calls) == 5
+
+
+@pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_backward_agrees_with_the_general_gradient(monkeypatch, dtype):
+    qweight, scales = int8_weight(96, 80)
+    x = torch.randn(2, 96).to(dtype).requires_grad_()
+    grad = torch.randn(2, 80).to(dtype)
+    expected = kernels.matmul_grad_input(grad, qweight, scales)
+    monkeypatch.setattr(kernels, "matmul_grad_input", lambda *args: pytest.fail("took the general path"))
+    kernels.int8_linear(x, qweight, scales, None).backward(grad)
+    assert x.grad.dtype == dtype and torch.equal(x.grad, expected)

@@ -186,8 +186,35 @@ class _Int8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qweight, scales = ctx.saved_tensors
-        grad_x = matmul_grad_input(grad_out, qweight, scales, ctx.compute) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        grad_x = _decode_step(grad_out, qweight, scales, "grad_input")
+        if grad_x is None:
+            grad_x = matmul_grad_input(grad_out, qweight, scales, ctx.compute)
         return grad_x, None, None, None
+
+
+def _decode_step(a2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, op: str) -> torch.Tensor | None:
+    # Token-by-token decoding on CPU takes the path select_path picks there (cpu-stream, float32
+    # kernels on exact activations below BF16_DOT_MIN_ROWS) in one step: with the caches cold, as
+    # after streaming the previous layer's weight, every Python frame costs microseconds, which is
+    # a tenth of an M=1 matmul. ``a2d`` is the activation (forward) or the output gradient
+    # (grad_input). None when any condition for that path does not hold.
+    if (
+        a2d.device.type != "cpu"
+        or a2d.shape[0] >= cpu.BF16_DOT_MIN_ROWS
+        or a2d.dtype not in (torch.float32, torch.bfloat16)
+        or qweight.stride(1) != 1
+        or qweight.stride(0) == 1
+        or scales.dtype != torch.float16
+        or not scales.is_contiguous()
+        or a2d.stride(1) != 1
+        or not native.is_available()
+        or _force_reference()
+    ):
+        return None
+    # qweight [in, out] is row-major: the forward sums over its rows, the input gradient along them.
+    return native.stream(a2d, qweight, scales, "rowaxpy" if op == "forward" else "rowdot", scale_on_rows=False)
 
 
 def int8_linear(
@@ -202,6 +229,11 @@ def int8_linear(
             f"EetqLinear expects input whose last dimension is in_features={in_features}, got shape {tuple(x.shape)}"
         )
     x2d = x.reshape(-1, in_features)
+    if not (x2d.requires_grad and torch.is_grad_enabled()):
+        out = _decode_step(x2d, qweight, scales, "forward")
+        if out is not None:
+            out = out.reshape(*x.shape[:-1], out_features)
+            return out if bias is None else out + bias.to(out.dtype)
     compute = compute_dtype_for(x2d)
     if x2d.requires_grad and torch.is_grad_enabled():
         out = _Int8LinearFunction.apply(x2d, qweight, scales, compute)

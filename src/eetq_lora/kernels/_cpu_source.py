@@ -4,7 +4,7 @@ Kept as a Python string so that every install (wheel, sdist, editable) carries i
 package-data configuration.
 """
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 SOURCE = r"""
 /* eetq_lora CPU kernels. q is an int8 matrix [R, C] with unit column stride and row stride ldq;
@@ -35,7 +35,7 @@ typedef float vf __attribute__((vector_size(64)));
 #define ROW_PREFETCH 2048
 #endif
 
-int eetq_abi_version(void) { return 2; }
+int eetq_abi_version(void) { return 3; }
 
 #if defined(EETQ_AVX512) && defined(__AVX512BF16__)
 #define EETQ_BF16_DOT 1
@@ -307,6 +307,70 @@ void eetq_dequant(const int8_t* q, int64_t ldq, int64_t R, int64_t C, const floa
             for (; c < C; c++) dst[c] = (float)src[c] * rs * (col_scale ? col_scale[c] : 1.f);
         }
     }
+}
+
+/* Exact float16 -> float32 (normal, subnormal, zero, inf, nan). */
+static float f16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu, bits;
+    if (exponent == 0x1F) {
+        bits = sign | 0x7F800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else {
+        int shift = 0;
+        while (!(mantissa & 0x400u)) {
+            mantissa <<= 1;
+            shift++;
+        }
+        bits = sign | ((uint32_t)(113 - shift) << 23) | ((mantissa & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* One call for a small-M matmul straight from the layer's tensors: activations a [M, K] in float32
+   (a_bf16 == 0) or bfloat16 bits, float16 scales, result in float32 or bfloat16 (out_bf16, rounded
+   to nearest even once). rowaxpy (kernel == 1) or rowdot (0) over q [R, C]; the scale applies to
+   q's rows (scale_on_rows) or columns. The conversions are exact, so the result equals the float32
+   kernels' on the converted operands. Returns 0, -1 if out of memory. */
+int eetq_stream(int kernel, const void* a, int a_bf16, int64_t M, int64_t lda, const int8_t* q, int64_t R, int64_t C,
+                int64_t ldq, const uint16_t* scale_f16, int scale_on_rows, void* out, int out_bf16, int64_t ldo,
+                int nthreads) {
+    int64_t K = kernel ? R : C, N = kernel ? C : R, S = scale_on_rows ? R : C;
+    float* a32 = NULL;
+    float* out32 = out_bf16 ? (float*)malloc(sizeof(float) * (size_t)(M * N > 0 ? M * N : 1)) : (float*)out;
+    float* scale = (float*)malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
+    int status = -1;
+    if ((out_bf16 && !out32) || !scale) goto done;
+    for (int64_t i = 0; i < S; i++) scale[i] = f16_to_float(scale_f16[i]);
+    if (a_bf16) {
+        a32 = (float*)malloc(sizeof(float) * (size_t)(M * K > 0 ? M * K : 1));
+        if (!a32) goto done;
+        for (int64_t m = 0; m < M; m++) {
+            const uint16_t* row = (const uint16_t*)a + m * lda;
+            for (int64_t k = 0; k < K; k++) {
+                uint32_t bits = (uint32_t)row[k] << 16;
+                memcpy(a32 + m * K + k, &bits, 4);
+            }
+        }
+    }
+    const float* av = a_bf16 ? a32 : (const float*)a;
+    int64_t la = a_bf16 ? K : lda, lo = out_bf16 ? N : ldo;
+    const float* rs = scale_on_rows ? scale : NULL;
+    const float* cs = scale_on_rows ? NULL : scale;
+    status = kernel ? eetq_rowaxpy(av, M, la, q, R, C, ldq, rs, cs, out32, lo, nthreads)
+                    : eetq_rowdot(av, M, la, q, R, C, ldq, rs, cs, out32, lo, nthreads);
+    if (status == 0 && out_bf16)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) ((uint16_t*)out)[m * ldo + n] = bf16_scalar(out32[m * N + n]);
+done:
+    free(a32);
+    free(scale);
+    if (out_bf16) free(out32);
+    return status;
 }
 
 #ifdef EETQ_BF16_DOT

@@ -55,6 +55,16 @@ def _float32_rows(a: torch.Tensor) -> torch.Tensor:
     return a if _is_row_major(a) else a.contiguous()
 
 
+def _direct(a: torch.Tensor, scales: torch.Tensor) -> bool:
+    # The one-call kernel entry takes float32/bfloat16 rows and float16 scales as they are.
+    return (
+        a.dtype in (torch.float32, torch.bfloat16)
+        and scales.dtype == torch.float16
+        and scales.is_contiguous()
+        and _is_row_major(a)
+    )
+
+
 def _bf16_dot(rows: int, compute: torch.dtype) -> bool:
     return compute == torch.bfloat16 and rows >= BF16_DOT_MIN_ROWS and native.has_bf16_dot()
 
@@ -62,12 +72,14 @@ def _bf16_dot(rows: int, compute: torch.dtype) -> bool:
 def stream_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``x [M, in] @ Wt`` in float32 with the compiled streaming kernels.
+    """``x [M, in] @ Wt`` with the compiled streaming kernels, in float32 or, for bfloat16 ``x``, bfloat16.
 
     Activations stay exact (float32 multiply-adds) unless ``compute`` is bfloat16 and M is at least
     ``BF16_DOT_MIN_ROWS``: then they are rounded to bfloat16 for the CPU's bfloat16 dot products.
     """
     q, rows_are_outputs = weight_rows(qweight)
+    if _direct(x, scales) and not _bf16_dot(x.shape[0], compute):
+        return native.stream(x, q, scales, "rowdot" if rows_are_outputs else "rowaxpy", rows_are_outputs)
     s = scales.to(torch.float32).contiguous()
     if _bf16_dot(x.shape[0], compute):
         a = x.to(torch.bfloat16).contiguous()
@@ -79,8 +91,10 @@ def stream_forward(
 def stream_grad_input(
     grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``grad [M, out] @ W`` in float32 with the compiled streaming kernels (see ``stream_forward``)."""
+    """``grad [M, out] @ W`` with the compiled streaming kernels (dtypes as in ``stream_forward``)."""
     q, rows_are_outputs = weight_rows(qweight)
+    if _direct(grad, scales) and not _bf16_dot(grad.shape[0], compute):
+        return native.stream(grad, q, scales, "rowaxpy" if rows_are_outputs else "rowdot", rows_are_outputs)
     s = scales.to(torch.float32).contiguous()
     if _bf16_dot(grad.shape[0], compute):
         # The scale sits on the summed index here, so it goes into the activations before rounding.

@@ -45,6 +45,10 @@ _SIGNATURES = {
     "eetq_rowaxpy": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT], _INT),
     "eetq_dequant": ([_P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT, _INT], None),
     "eetq_has_bf16_dot": ([], _INT),
+    "eetq_stream": (
+        [_INT, _P, _INT, _I64, _I64, _P, _I64, _I64, _I64, _P, _INT, _P, _INT, _I64, _INT],
+        _INT,
+    ),
 }
 # Present only in builds for CPUs with AVX512-BF16.
 _BF16_SIGNATURES = {
@@ -273,6 +277,37 @@ def dequantize_into(
         int(out.dtype == torch.bfloat16),
         torch.get_num_threads(),
     )
+
+
+def stream(a: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, kernel: str, scale_on_rows: bool) -> torch.Tensor:
+    """``rowaxpy`` or ``rowdot`` straight from a layer's tensors, result in ``a``'s dtype.
+
+    ``a`` is float32 or bfloat16 with unit column stride, ``scales`` float16 (contiguous): the
+    kernel converts both exactly and rounds the result once; see ``eetq_stream`` in the C source.
+    """
+    lib = library()
+    m, r, c = a.shape[0], q.shape[0], q.shape[1]
+    out = torch.empty(m, c if kernel == "rowaxpy" else r, dtype=a.dtype)
+    status_code = lib.eetq_stream(
+        int(kernel == "rowaxpy"),
+        a.data_ptr(),
+        int(a.dtype == torch.bfloat16),
+        m,
+        a.stride(0),
+        q.data_ptr(),
+        r,
+        c,
+        q.stride(0),
+        scales.data_ptr(),
+        int(scale_on_rows),
+        out.data_ptr(),
+        int(a.dtype == torch.bfloat16),
+        out.stride(0),
+        torch.get_num_threads(),
+    )
+    if status_code != 0:
+        raise MemoryError(f"eetq_lora: the CPU {kernel} kernel could not allocate its workspace")
+    return out
 
 
 def has_bf16_dot() -> bool:
