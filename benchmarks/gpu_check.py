@@ -42,6 +42,7 @@ except ImportError:  # a bare checkout: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import eetq_lora
 
+from int8_layers import SingleLayer, lora_config  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft import get_peft_model as peft_get_peft_model  # noqa: E402
 
@@ -215,19 +216,6 @@ def sweep_section(clock: Clock, device, shapes, split_values, block_values) -> N
         )
 
 
-class _Holder(nn.Module):
-    def __init__(self, proj: nn.Module) -> None:
-        super().__init__()
-        self.proj = proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-def _lora_config() -> LoraConfig:
-    return LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0)
-
-
 def layer_section(clock: Clock, device, shapes, rows_list) -> int:
     print("\n## 3. Layer: EetqLoraLinear r=16 vs PEFT LoRA on a dense layer (eager ms)")
     print("dtype shape M | path | eetq fwd, peft fwd, ratio | eetq fwd+bwd, peft fwd+bwd, ratio | err vs dense")
@@ -237,11 +225,11 @@ def layer_section(clock: Clock, device, shapes, rows_list) -> int:
             torch.manual_seed(0)
             linear = nn.Linear(in_features, out_features, bias=False)
             nn.init.normal_(linear.weight, std=in_features**-0.5)
-            ours = eetq_lora.get_peft_model(_Holder(eetq_lora.EetqLinear.from_linear(linear)), _lora_config())
+            ours = eetq_lora.get_peft_model(SingleLayer(eetq_lora.EetqLinear.from_linear(linear)), lora_config())
             ours = ours.to(device)
-            dense = _Holder(nn.Linear(in_features, out_features, bias=False))
+            dense = SingleLayer(nn.Linear(in_features, out_features, bias=False))
             dense.proj.weight.data = ours.base_model.model.proj.base_layer.dequantize(dtype).cpu()
-            peer = peft_get_peft_model(dense, _lora_config()).to(device=device)
+            peer = peft_get_peft_model(dense, lora_config()).to(device=device)
             peer.base_model.model.proj.base_layer.to(dtype)
             for rows in rows_list:
                 x = torch.randn(rows, in_features, device=device, dtype=dtype, requires_grad=True)

@@ -39,7 +39,9 @@ class Impl:
     notes: list[str] = field(default_factory=list)
 
 
-class _Holder(nn.Module):
+class SingleLayer(nn.Module):
+    """A module whose only layer is ``proj``: what PEFT wraps when a benchmark times one layer."""
+
     def __init__(self, proj: nn.Module) -> None:
         super().__init__()
         self.proj = proj
@@ -48,15 +50,13 @@ class _Holder(nn.Module):
         return self.proj(x)
 
 
-def _lora_config() -> LoraConfig:
+def lora_config() -> LoraConfig:
     return LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0)
 
 
 def _peft_layer(base: nn.Module, use_eetq: bool = False) -> nn.Module:
-    holder = _Holder(base)
-    model = (
-        eetq_lora.get_peft_model(holder, _lora_config()) if use_eetq else peft_get_peft_model(holder, _lora_config())
-    )
+    holder = SingleLayer(base)
+    model = eetq_lora.get_peft_model(holder, lora_config()) if use_eetq else peft_get_peft_model(holder, lora_config())
     return model.base_model.model.proj
 
 
@@ -67,7 +67,7 @@ def _eetq(linear: nn.Linear) -> nn.Module:
 def _torchao(linear: nn.Linear) -> nn.Module:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    holder = _Holder(copy.deepcopy(linear).bfloat16())
+    holder = SingleLayer(copy.deepcopy(linear).bfloat16())
     quantize_(holder, Int8WeightOnlyConfig())
     return _peft_layer(holder.proj)
 
@@ -75,7 +75,7 @@ def _torchao(linear: nn.Linear) -> nn.Module:
 def _quanto(linear: nn.Linear) -> nn.Module:
     from optimum.quanto import freeze, qint8, quantize
 
-    holder = _Holder(copy.deepcopy(linear).bfloat16())
+    holder = SingleLayer(copy.deepcopy(linear).bfloat16())
     quantize(holder, weights=qint8)
     freeze(holder)
     return _peft_layer(holder.proj)
