@@ -8,7 +8,9 @@ A peer whose package is missing or fails to build is reported, not fatal.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,15 +146,18 @@ def build_impls(in_features: int, out_features: int, names: list[str]) -> tuple[
 
 
 def _call(impl: Impl, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], object]:
+    # The module's mode is set here, once per cell, not in the timed call: switching it walks the
+    # module tree, which is the harness's cost, not the layer's.
+    impl.module.train(grad is not None)
+    override = functools.partial(compute_dtype, impl.compute) if impl.compute is not None else contextlib.nullcontext
+
     def forward() -> None:
-        impl.module.eval()
-        with torch.no_grad(), compute_dtype(impl.compute):
+        with torch.no_grad(), override():
             impl.module(x)
 
     def forward_backward() -> None:
-        impl.module.train()
         x.grad = None
-        with compute_dtype(impl.compute):
+        with override():
             out = impl.module(x)
         out.backward(grad)
 

@@ -194,7 +194,13 @@ class _Int8LinearFunction(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def _decode_step(a2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, op: str) -> torch.Tensor | None:
+def _decode_step(
+    a2d: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    op: str,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor | None:
     # Token-by-token decoding on CPU takes the path select_path picks there (cpu-stream, float32
     # kernels on exact activations below BF16_DOT_MIN_ROWS) in one step: with the caches cold, as
     # after streaming the previous layer's weight, every Python frame costs microseconds, which is
@@ -214,7 +220,35 @@ def _decode_step(a2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     ):
         return None
     # qweight [in, out] is row-major: the forward sums over its rows, the input gradient along them.
-    return native.stream(a2d, qweight, scales, "rowaxpy" if op == "forward" else "rowdot", scale_on_rows=False)
+    return native.stream(a2d, qweight, scales, "rowaxpy" if op == "forward" else "rowdot", False, lora)
+
+
+def lora_decode_step(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor | None:
+    """``base(x) + lora_b(lora_a(x)) * scaling`` in one compiled call for CPU decoding without autograd.
+
+    The roundings are PEFT's (adapter in float32, its output cast to ``x``'s dtype, scaled, then
+    added). None unless this is the short decode path's case (see ``_decode_step``) with bias-free
+    contiguous float32 adapters and nothing that needs a gradient.
+    """
+    if (
+        lora_a.dtype != torch.float32
+        or lora_b.dtype != torch.float32
+        or not lora_a.is_contiguous()
+        or not lora_b.is_contiguous()
+        or x.shape[-1] != qweight.shape[0]
+        or (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad))
+    ):
+        return None
+    x2d = x.reshape(-1, x.shape[-1])
+    out = _decode_step(x2d, qweight, scales, "forward", (lora_a, lora_b, scaling))
+    return None if out is None else out.reshape(*x.shape[:-1], qweight.shape[1])
 
 
 def int8_linear(

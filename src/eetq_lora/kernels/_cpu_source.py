@@ -4,7 +4,7 @@ Kept as a Python string so that every install (wheel, sdist, editable) carries i
 package-data configuration.
 """
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 SOURCE = r"""
 /* eetq_lora CPU kernels. q is an int8 matrix [R, C] with unit column stride and row stride ldq;
@@ -35,7 +35,7 @@ typedef float vf __attribute__((vector_size(64)));
 #define ROW_PREFETCH 2048
 #endif
 
-int eetq_abi_version(void) { return 3; }
+int eetq_abi_version(void) { return 4; }
 
 #if defined(EETQ_AVX512) && defined(__AVX512BF16__)
 #define EETQ_BF16_DOT 1
@@ -331,16 +331,26 @@ static float f16_to_float(uint16_t h) {
     return f;
 }
 
+static float round_bf16(float f) {
+    uint32_t bits = (uint32_t)bf16_scalar(f) << 16;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 /* One call for a small-M matmul straight from the layer's tensors: activations a [M, K] in float32
    (a_bf16 == 0) or bfloat16 bits, float16 scales, result in float32 or bfloat16 (out_bf16, rounded
-   to nearest even once). rowaxpy (kernel == 1) or rowdot (0) over q [R, C]; the scale applies to
-   q's rows (scale_on_rows) or columns. The conversions are exact, so the result equals the float32
-   kernels' on the converted operands. Returns 0, -1 if out of memory. */
+   to nearest even). rowaxpy (kernel == 1) or rowdot (0) over q [R, C]; the scale applies to q's
+   rows (scale_on_rows) or columns. The conversions are exact, so the base result equals the
+   float32 kernels' on the converted operands, rounded once.
+   With lora_a [rank, K] and lora_b [N, rank] (float32), it also adds a LoRA adapter the way PEFT's
+   layer does in the result dtype: out = r(r(base) + r(r(a @ A^T @ B^T) * scaling)), r rounding to
+   the result dtype (the identity for float32). Returns 0, -1 if out of memory. */
 int eetq_stream(int kernel, const void* a, int a_bf16, int64_t M, int64_t lda, const int8_t* q, int64_t R, int64_t C,
                 int64_t ldq, const uint16_t* scale_f16, int scale_on_rows, void* out, int out_bf16, int64_t ldo,
-                int nthreads) {
+                const float* lora_a, int64_t rank, const float* lora_b, float scaling, int nthreads) {
     int64_t K = kernel ? R : C, N = kernel ? C : R, S = scale_on_rows ? R : C;
     float* a32 = NULL;
+    float* hidden = NULL;
     float* out32 = out_bf16 ? (float*)malloc(sizeof(float) * (size_t)(M * N > 0 ? M * N : 1)) : (float*)out;
     float* scale = (float*)malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
     int status = -1;
@@ -363,11 +373,39 @@ int eetq_stream(int kernel, const void* a, int a_bf16, int64_t M, int64_t lda, c
     const float* cs = scale_on_rows ? NULL : scale;
     status = kernel ? eetq_rowaxpy(av, M, la, q, R, C, ldq, rs, cs, out32, lo, nthreads)
                     : eetq_rowdot(av, M, la, q, R, C, ldq, rs, cs, out32, lo, nthreads);
-    if (status == 0 && out_bf16)
+    if (status != 0) goto done;
+    if (lora_a) {
+        hidden = (float*)malloc(sizeof(float) * (size_t)(M * rank > 0 ? M * rank : 1));
+        if (!hidden) {
+            status = -1;
+            goto done;
+        }
         for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) ((uint16_t*)out)[m * ldo + n] = bf16_scalar(out32[m * N + n]);
+            for (int64_t j = 0; j < rank; j++) {
+                float t = 0.f;
+                for (int64_t k = 0; k < K; k++) t += av[m * la + k] * lora_a[j * K + k];
+                hidden[m * rank + j] = t;
+            }
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            float v = out32[m * lo + n];
+            if (hidden) {
+                float t = 0.f;
+                for (int64_t j = 0; j < rank; j++) t += hidden[m * rank + j] * lora_b[n * rank + j];
+                if (out_bf16)
+                    v = round_bf16(round_bf16(v) + round_bf16(round_bf16(t) * scaling));
+                else
+                    v = v + t * scaling;
+            }
+            if (out_bf16)
+                ((uint16_t*)out)[m * ldo + n] = bf16_scalar(v);
+            else
+                out32[m * lo + n] = v;
+        }
 done:
     free(a32);
+    free(hidden);
     free(scale);
     if (out_bf16) free(out32);
     return status;

@@ -38,6 +38,7 @@ _COMMON_FLAGS = ("-shared", "-fPIC", "-std=gnu11")
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
+_FLOAT = ctypes.c_float
 _SIGNATURES = {
     "eetq_abi_version": ([], _INT),
     "eetq_has_openmp": ([], _INT),
@@ -46,7 +47,9 @@ _SIGNATURES = {
     "eetq_dequant": ([_P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT, _INT], None),
     "eetq_has_bf16_dot": ([], _INT),
     "eetq_stream": (
-        [_INT, _P, _INT, _I64, _I64, _P, _I64, _I64, _I64, _P, _INT, _P, _INT, _I64, _INT],
+        # kernel, a, a_bf16, M, lda, q, R, C, ldq, scales, scale_on_rows, out, out_bf16, ldo,
+        # lora_a, rank, lora_b, scaling, nthreads
+        [_INT, _P, _INT, _I64, _I64, _P, _I64, _I64, _I64, _P, _INT, _P, _INT, _I64, _P, _I64, _P, _FLOAT, _INT],
         _INT,
     ),
 }
@@ -279,12 +282,22 @@ def dequantize_into(
     )
 
 
-def stream(a: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, kernel: str, scale_on_rows: bool) -> torch.Tensor:
+def stream(
+    a: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    kernel: str,
+    scale_on_rows: bool,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
     """``rowaxpy`` or ``rowdot`` straight from a layer's tensors, result in ``a``'s dtype.
 
     ``a`` is float32 or bfloat16 with unit column stride, ``scales`` float16 (contiguous): the
     kernel converts both exactly and rounds the result once; see ``eetq_stream`` in the C source.
+    ``lora=(A [rank, K], B [N, rank], scaling)``, contiguous float32, adds that adapter's output
+    with PEFT's roundings in ``a``'s dtype.
     """
+    lora_a, lora_b, scaling = lora if lora is not None else (None, None, 0.0)
     lib = library()
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
     out = torch.empty(m, c if kernel == "rowaxpy" else r, dtype=a.dtype)
@@ -303,6 +316,10 @@ def stream(a: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, kernel: str, 
         out.data_ptr(),
         int(a.dtype == torch.bfloat16),
         out.stride(0),
+        _ptr(lora_a),
+        0 if lora_a is None else lora_a.shape[0],
+        _ptr(lora_b),
+        float(scaling),
         torch.get_num_threads(),
     )
     if status_code != 0:

@@ -8,6 +8,8 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 
+from ..kernels import lora_decode_step
+from ..quant import EetqLinear
 from .side_path import lora_side_path
 
 # Inits that derive A/B from (and rewrite) the float base weight; an int8 base cannot provide that.
@@ -126,9 +128,35 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
             and getattr(self, "cast_input_dtype_enabled", True)
         )
 
+    def _decode_step(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        # Token-by-token generation on CPU: base matmul and the one active adapter in one compiled
+        # call (kernels.lora_decode_step), None whenever that call does not cover this case.
+        if self.disable_adapters or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return None
+        active = self.active_adapters
+        if len(active) != 1 or active[0] not in self.lora_A:
+            return None
+        lora_A, lora_B = self.lora_A[active[0]], self.lora_B[active[0]]
+        dropout = self.lora_dropout[active[0]]
+        base = self.base_layer
+        if (
+            type(base) is not EetqLinear
+            or base.bias is not None
+            or not self._plain_adapter(lora_A, lora_B)
+            or (dropout.training and not isinstance(dropout, torch.nn.Identity))
+        ):
+            return None
+        return lora_decode_step(
+            x, base.weight, base.weight_scales, lora_A.weight, lora_B.weight, self.scaling[active[0]]
+        )
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None and not args and not kwargs:
+            out = self._decode_step(x)
+            if out is not None:
+                return out
         result = self.quant_linear_module(x, *args, **kwargs)
         if self.disable_adapters:
             return result

@@ -1,0 +1,90 @@
+"""The one-call CPU decode step of EetqLoraLinear: PEFT's result, and only where it applies."""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+import eetq_lora
+from eetq_lora.kernels import native
+from eetq_lora.lora import layer as layer_module
+from tests.helpers import tiny_llama
+
+pytestmark = pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+
+
+def lora_layer(dtype=torch.float32, **config):
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "lora_dropout": 0.0, **config}
+    model = eetq_lora.get_peft_model(eetq_lora.quantize_model(tiny_llama().to(dtype)), LoraConfig(**settings))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    return model, model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def general_path(layer, x):
+    layer._decode_step = lambda x: None
+    try:
+        return layer(x)
+    finally:
+        del layer._decode_step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 64)])
+def test_matches_the_general_path(monkeypatch, dtype, shape):
+    model, layer = lora_layer(dtype)
+    model.eval()
+    x = torch.randn(*shape).to(dtype)
+    calls = []
+    original = eetq_lora.kernels.lora_decode_step
+    monkeypatch.setattr(layer_module, "lora_decode_step", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        fast = layer(x)
+        expected = general_path(layer, x)
+    assert calls and fast.dtype == expected.dtype == dtype and fast.shape == expected.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-6)
+    else:
+        # The adapter's float32 sums may differ in their last bit from torch's GEMM, so a result
+        # can round to the neighbouring bfloat16; anything more is a real difference.
+        torch.testing.assert_close(fast, expected, rtol=2**-7, atol=1e-3)
+        assert (fast == expected).float().mean() > 0.9
+
+
+def test_whole_model_generation_is_unchanged():
+    model, _ = lora_layer(torch.bfloat16, target_modules="all-linear")
+    model.eval()
+    prompt = torch.tensor([[5, 9, 13]])
+    with torch.no_grad():
+        fast = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+        for module in model.modules():
+            if isinstance(module, eetq_lora.EetqLoraLinear):
+                module._decode_step = lambda x: None
+        general = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(fast, general)
+
+
+def test_steps_aside_where_it_does_not_apply(monkeypatch):
+    calls = []
+    monkeypatch.setattr(layer_module, "lora_decode_step", lambda *a: calls.append(1))  # returns None
+    model, layer = lora_layer()
+    x = torch.randn(1, 64)
+    model.train()
+    layer(x)  # trainable adapters under autograd: the kernel declines, the general path runs
+    assert calls == [1]
+    calls.clear()
+    with torch.no_grad():
+        layer(x, adapter_names=["default"])  # mixed-adapter batches
+        with model.disable_adapter():
+            layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+    dropout_model, dropout_layer = lora_layer(lora_dropout=0.5)
+    dropout_model.train()
+    with torch.no_grad():
+        dropout_layer(x)  # live dropout
+    bias_model, bias_layer = lora_layer(lora_bias=True)
+    with torch.no_grad():
+        bias_layer(x)
+    assert calls == []
