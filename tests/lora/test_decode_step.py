@@ -71,9 +71,7 @@ def test_steps_aside_where_it_does_not_apply(monkeypatch):
     model, layer = lora_layer()
     x = torch.randn(1, 64)
     model.train()
-    layer(x)  # trainable adapters under autograd: the kernel declines, the general path runs
-    assert calls == [1]
-    calls.clear()
+    layer(x)  # training
     with torch.no_grad():
         layer(x, adapter_names=["default"])  # mixed-adapter batches
         with model.disable_adapter():
@@ -87,4 +85,21 @@ def test_steps_aside_where_it_does_not_apply(monkeypatch):
     bias_model, bias_layer = lora_layer(lora_bias=True)
     with torch.no_grad():
         bias_layer(x)
+    model.train()
+    with torch.no_grad():
+        layer(x)  # a training-mode forward without autograd (a checkpointed first pass)
     assert calls == []
+
+
+def test_the_kernel_declines_anything_that_needs_a_gradient():
+    model, layer = lora_layer()
+    base = layer.base_layer
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(1, 64)
+    step = eetq_lora.kernels.lora_decode_step
+    assert lora_a.requires_grad and step(x, base.weight, base.weight_scales, lora_a, lora_b, 2.0) is None
+    with torch.no_grad():
+        assert step(x, base.weight, base.weight_scales, lora_a, lora_b, 2.0) is not None
+        assert step(x.half(), base.weight, base.weight_scales, lora_a, lora_b, 2.0) is None  # float16
+        assert step(torch.randn(4, 64), base.weight, base.weight_scales, lora_a, lora_b, 2.0) is None  # M >= 4
+        assert step(x, base.weight, base.weight_scales, lora_a.bfloat16(), lora_b, 2.0) is None

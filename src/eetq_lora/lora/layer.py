@@ -130,8 +130,10 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
 
     def _decode_step(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         # Token-by-token generation on CPU: base matmul and the one active adapter in one compiled
-        # call (kernels.lora_decode_step), None whenever that call does not cover this case.
-        if self.disable_adapters or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        # call (kernels.lora_decode_step), None whenever that call does not cover this case. Eval
+        # mode only: its adapter sums may differ from torch's GEMM in the last bit, and a training
+        # forward (a checkpointed one, say) must match its recomputation exactly.
+        if self.training or self.disable_adapters or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return None
         active = self.active_adapters
         if len(active) != 1 or active[0] not in self.lora_A:
