@@ -193,3 +193,36 @@ def test_one_call_entry_converts_float16_scales_exactly(kernel, scale_on_rows):
         native.stream(a.bfloat16(), q, scales, kernel, scale_on_rows),
         getattr(native, kernel)(a.bfloat16().float(), q, row_scale, col_scale).bfloat16(),
     )
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_streaming_kernels_split_over_threads_match_float64(monkeypatch, rows, layout):
+    # Test-sized layers run on one thread (SINGLE_THREAD_WORK_BYTES); force the split so the
+    # per-thread partial sums and their reduction are checked too.
+    monkeypatch.setattr(native, "SINGLE_THREAD_WORK_BYTES", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        qweight, scales = int8_weight(200, 72, layout)
+        assert native._threads(rows, qweight) == 2
+        x = torch.randn(rows, 200)
+        grad = torch.randn(rows, 72)
+        for compute in (torch.float32, torch.bfloat16):
+            y = cpu.stream_forward(x.to(compute), qweight, scales, compute)
+            dx = cpu.stream_grad_input(grad.to(compute), qweight, scales, compute)
+            budget = EXACT if compute == torch.float32 else BF16
+            assert relative_error(y, float64_forward(x.to(compute), qweight, scales)) < budget
+            assert relative_error(dx, float64_grad_input(grad.to(compute), qweight, scales)) < budget
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+def test_small_work_runs_on_one_thread():
+    small, _ = int8_weight(576, 576)
+    assert native._threads(1, small) == 1
+    big = torch.empty(4096, 4096, dtype=torch.int8)
+    assert native._threads(1, big) == torch.get_num_threads()
+    assert native._threads(64, small) == torch.get_num_threads()

@@ -207,6 +207,16 @@ def _reset_for_tests() -> None:
 # scales, and 2-D operands whose columns are adjacent in memory (unit column stride).
 
 
+# Below this much work (rows x int8 weight bytes) one thread beats two: waking a sleeping OpenMP
+# worker costs about 50 µs per call (OMP_WAIT_POLICY=PASSIVE, 2-core Zen 5), more than a small
+# layer's whole matmul. Decoding SmolLM2-135M's layers (0.1-0.8 MiB) ran 2-6x faster on one thread.
+SINGLE_THREAD_WORK_BYTES = 4 * 2**20
+
+
+def _threads(rows: int, q: torch.Tensor) -> int:
+    return 1 if rows * q.numel() < SINGLE_THREAD_WORK_BYTES else torch.get_num_threads()
+
+
 def _ptr(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -235,7 +245,7 @@ def _streamed(
         _ptr(col_scale),
         out.data_ptr(),
         out_columns,
-        torch.get_num_threads(),
+        _threads(m, q),
     )
     if status_code != 0:
         raise MemoryError(f"eetq_lora: the CPU {kernel} kernel could not allocate its workspace")
@@ -320,7 +330,7 @@ def stream(
         0 if lora_a is None else lora_a.shape[0],
         _ptr(lora_b),
         float(scaling),
-        torch.get_num_threads(),
+        _threads(m, q),
     )
     if status_code != 0:
         raise MemoryError(f"eetq_lora: the CPU {kernel} kernel could not allocate its workspace")
@@ -349,7 +359,7 @@ def rowdot_bf16(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None
         _ptr(row_scale),
         out.data_ptr(),
         r,
-        torch.get_num_threads(),
+        _threads(m, q),
     )
     return out
 
@@ -370,7 +380,7 @@ def rowaxpy_bf16(a: torch.Tensor, q: torch.Tensor, col_scale: torch.Tensor | Non
         _ptr(col_scale),
         out.data_ptr(),
         c,
-        torch.get_num_threads(),
+        _threads(m, q),
     )
     if status_code != 0:
         raise MemoryError("eetq_lora: the CPU rowaxpy_bf16 kernel could not allocate its workspace")
