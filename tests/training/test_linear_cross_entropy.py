@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from peft import LoraConfig
 
 import eetq_lora
+from eetq_lora.training import linear_cross_entropy as lce_module
 from eetq_lora.training import loss as loss_module
-from eetq_lora.training.linear_cross_entropy import linear_cross_entropy
+from eetq_lora.training.linear_cross_entropy import default_chunk_rows, linear_cross_entropy
 from tests.helpers import VOCAB, tiny_llama, token_batch
 
 
@@ -110,3 +111,19 @@ def test_models_with_a_quantized_head_or_unknown_class_take_their_own_forward():
     quantized_head = eetq_lora.quantize_model(tiny_llama(), modules_to_not_convert=())
     assert loss_module._decoder_and_plain_head(quantized_head) is None
     assert loss_module._decoder_and_plain_head(torch.nn.Linear(4, VOCAB)) is None
+
+
+def test_default_chunks_bound_the_logits_but_keep_enough_rows(monkeypatch):
+    assert default_chunk_rows(49152) * 49152 <= lce_module.CHUNK_ELEMENTS
+    assert default_chunk_rows(49152) >= lce_module.MIN_CHUNK_ROWS
+    # A huge vocabulary still gets MIN_CHUNK_ROWS rows: every chunk rereads the whole head weight.
+    assert default_chunk_rows(10**7) == lce_module.MIN_CHUNK_ROWS
+    # And the default sizing computes the same loss when it splits the rows.
+    monkeypatch.setattr(lce_module, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(lce_module, "CHUNK_ELEMENTS", 50 * 10)
+    h, w, targets = operands(torch.float32)
+    assert default_chunk_rows(50) == 10
+    nll, correct = linear_cross_entropy(h, w, targets)
+    expected_nll, expected_correct = full_logits(h, w, targets)
+    torch.testing.assert_close(nll, expected_nll, rtol=1e-5, atol=1e-4)
+    assert int(correct) == int(expected_correct)
