@@ -42,7 +42,7 @@ except ImportError:  # a bare checkout: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import eetq_lora
 
-from int8_layers import SingleLayer, lora_config  # noqa: E402
+from int8_layers import SingleLayer, float_linear, lora_config  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft import get_peft_model as peft_get_peft_model  # noqa: E402
 
@@ -222,9 +222,7 @@ def layer_section(clock: Clock, device, shapes, rows_list) -> int:
     failures = 0
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for in_features, out_features in shapes:
-            torch.manual_seed(0)
-            linear = nn.Linear(in_features, out_features, bias=False)
-            nn.init.normal_(linear.weight, std=in_features**-0.5)
+            linear = float_linear(in_features, out_features)
             ours = eetq_lora.get_peft_model(SingleLayer(eetq_lora.EetqLinear.from_linear(linear)), lora_config())
             ours = ours.to(device)
             dense = SingleLayer(nn.Linear(in_features, out_features, bias=False))

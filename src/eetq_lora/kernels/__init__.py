@@ -139,40 +139,43 @@ def _run_triton(path: str, op: str, a: torch.Tensor, qweight: torch.Tensor, scal
         return None
 
 
+# The CPU path functions in ``cpu``, by (op, path), looked up at call time; both ops share the
+# CUDA and reference fallbacks.
+_CPU_PATHS = {
+    ("forward", "cpu-stream"): "stream_forward",
+    ("forward", "cpu-tiled"): "tiled_forward",
+    ("forward", "cpu-int8pack"): "int8pack_forward",
+    ("grad_input", "cpu-stream"): "stream_grad_input",
+    ("grad_input", "cpu-tiled"): "tiled_grad_input",
+}
+_REFERENCE = {"forward": reference.forward, "grad_input": reference.grad_input}
+
+
+def _matmul(op: str, a2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype | None):
+    compute = compute or compute_dtype_for(a2d)
+    path = select_path(a2d.device.type, compute, a2d.shape[0], qweight, op)
+    cpu_path = _CPU_PATHS.get((op, path))
+    if cpu_path is not None:
+        out = getattr(cpu, cpu_path)(a2d, qweight, scales, compute)
+    else:
+        out = _run_triton(path, op, a2d, qweight, scales, compute) if path.startswith("cuda-") else None
+        if out is None:
+            out = _REFERENCE[op](a2d, qweight, scales, compute)
+    return out.to(a2d.dtype)
+
+
 def matmul_forward(
     x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype | None = None
 ) -> torch.Tensor:
     """y [M, out] = x2d [M, in] @ dequantized Wt, returned in x2d's dtype (not differentiable)."""
-    compute = compute or compute_dtype_for(x2d)
-    path = select_path(x2d.device.type, compute, x2d.shape[0], qweight, "forward")
-    if path == "cpu-stream":
-        out = cpu.stream_forward(x2d, qweight, scales, compute)
-    elif path == "cpu-tiled":
-        out = cpu.tiled_forward(x2d, qweight, scales, compute)
-    elif path == "cpu-int8pack":
-        out = cpu.int8pack_forward(x2d, qweight, scales)
-    else:
-        out = _run_triton(path, "forward", x2d, qweight, scales, compute) if path.startswith("cuda-") else None
-        if out is None:
-            out = reference.forward(x2d, qweight, scales, compute)
-    return out.to(x2d.dtype)
+    return _matmul("forward", x2d, qweight, scales, compute)
 
 
 def matmul_grad_input(
     grad2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype | None = None
 ) -> torch.Tensor:
     """dx [M, in] = grad2d [M, out] @ dequantized W, returned in grad2d's dtype (not differentiable)."""
-    compute = compute or compute_dtype_for(grad2d)
-    path = select_path(grad2d.device.type, compute, grad2d.shape[0], qweight, "grad_input")
-    if path == "cpu-stream":
-        out = cpu.stream_grad_input(grad2d, qweight, scales, compute)
-    elif path == "cpu-tiled":
-        out = cpu.tiled_grad_input(grad2d, qweight, scales, compute)
-    else:
-        out = _run_triton(path, "grad_input", grad2d, qweight, scales, compute) if path.startswith("cuda-") else None
-        if out is None:
-            out = reference.grad_input(grad2d, qweight, scales, compute)
-    return out.to(grad2d.dtype)
+    return _matmul("grad_input", grad2d, qweight, scales, compute)
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -263,16 +266,12 @@ def int8_linear(
             f"EetqLinear expects input whose last dimension is in_features={in_features}, got shape {tuple(x.shape)}"
         )
     x2d = x.reshape(-1, in_features)
-    if not (x2d.requires_grad and torch.is_grad_enabled()):
-        out = _decode_step(x2d, qweight, scales, "forward")
-        if out is not None:
-            out = out.reshape(*x.shape[:-1], out_features)
-            return out if bias is None else out + bias.to(out.dtype)
-    compute = compute_dtype_for(x2d)
     if x2d.requires_grad and torch.is_grad_enabled():
-        out = _Int8LinearFunction.apply(x2d, qweight, scales, compute)
+        out = _Int8LinearFunction.apply(x2d, qweight, scales, compute_dtype_for(x2d))
     else:
-        out = matmul_forward(x2d, qweight, scales, compute)
+        out = _decode_step(x2d, qweight, scales, "forward")
+        if out is None:
+            out = matmul_forward(x2d, qweight, scales)
     out = out.reshape(*x.shape[:-1], out_features)
     if bias is not None:
         out = out + bias.to(out.dtype)

@@ -192,7 +192,12 @@ def int8pack_supported(qweight: torch.Tensor) -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm") and qweight.t().is_contiguous()
 
 
-def int8pack_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x [M, in] @ Wt`` in bfloat16 with ``torch.ops.aten._weight_int8pack_mm`` (scales rounded to bfloat16)."""
+def int8pack_forward(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """``x [M, in] @ Wt`` in bfloat16 with ``torch.ops.aten._weight_int8pack_mm`` (scales rounded to bfloat16).
+
+    ``compute`` is accepted for the dispatcher's common call; this path only ever computes in bfloat16.
+    """
     a = x.to(torch.bfloat16).contiguous()
     return torch.ops.aten._weight_int8pack_mm(a, qweight.t(), scales.to(torch.bfloat16))

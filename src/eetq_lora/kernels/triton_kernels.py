@@ -178,16 +178,16 @@ def _device_facts(index: int) -> tuple[tuple[int, int], int]:
     return (properties.major, properties.minor), properties.multi_processor_count
 
 
+def _cuda_facts(device: torch.device) -> tuple[tuple[int, int], int]:
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
-    if device.type != "cuda":
-        return (9, 0)
-    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[0]
+    return _cuda_facts(device)[0] if device.type == "cuda" else (9, 0)
 
 
 def _processor_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[1]
+    return _cuda_facts(device)[1] if device.type == "cuda" else 4
 
 
 def choose_config(m: int, p: int, r: int, device: torch.device) -> Config:

@@ -13,12 +13,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _peft_ops(x, weight_a, weight_b, scaling, out_dtype):
+    # PEFT's operations in PEFT's order: cast to the adapter dtype, A, B, cast back, scale.
+    hidden = F.linear(x.to(weight_a.dtype), weight_a)
+    return hidden, F.linear(hidden, weight_b).to(out_dtype) * scaling
+
+
 class _LoraSidePath(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, scaling, out_dtype):
-        x_cast = x.to(weight_a.dtype)
-        hidden = F.linear(x_cast, weight_a)
-        out = F.linear(hidden, weight_b).to(out_dtype) * scaling
+        hidden, out = _peft_ops(x, weight_a, weight_b, scaling, out_dtype)
         ctx.save_for_backward(x, weight_a, weight_b, hidden)
         ctx.scaling = scaling
         return out
@@ -48,4 +52,4 @@ def lora_side_path(
     """``(x.to(A's dtype) @ A.T @ B.T).to(out_dtype) * scaling``, saving ``x`` uncast for the backward pass."""
     if torch.is_grad_enabled() and (x.requires_grad or weight_a.requires_grad or weight_b.requires_grad):
         return _LoraSidePath.apply(x, weight_a, weight_b, scaling, out_dtype)
-    return F.linear(F.linear(x.to(weight_a.dtype), weight_a), weight_b).to(out_dtype) * scaling
+    return _peft_ops(x, weight_a, weight_b, scaling, out_dtype)[1]

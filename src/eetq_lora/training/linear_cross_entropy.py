@@ -45,21 +45,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_hidden[start : start + chunk_rows] = grad_logits @ weight
                 if needs_weight:
                     grad_weight += (grad_logits.t() @ rows).float()
-        ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None))
-        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct)
         return nll, correct
 
     @staticmethod
     def backward(ctx, grad_nll, _grad_correct):
-        saved = list(ctx.saved_tensors)
-        grad_hidden = grad_weight = None
-        if ctx.has[0]:
-            stored = saved.pop(0)
-            grad_hidden = stored * grad_nll.to(stored.dtype)
-        if ctx.has[1]:
-            grad_weight = (saved.pop(0) * grad_nll).to(ctx.weight_dtype)
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_nll.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_nll).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None
 
 
