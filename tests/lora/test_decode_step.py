@@ -5,8 +5,7 @@ import torch
 from peft import LoraConfig
 
 import eetq_lora
-from eetq_lora.kernels import native
-from eetq_lora.lora import layer as layer_module
+from eetq_lora.kernels import decode, native
 from tests.helpers import tiny_llama
 
 pytestmark = pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
@@ -37,8 +36,8 @@ def test_matches_the_general_path(monkeypatch, dtype, shape):
     model.eval()
     x = torch.randn(*shape).to(dtype)
     calls = []
-    original = eetq_lora.kernels.lora_decode_step
-    monkeypatch.setattr(layer_module, "lora_decode_step", lambda *a: calls.append(1) or original(*a))
+    original = decode.forward_with_adapter
+    monkeypatch.setattr(decode, "forward_with_adapter", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         fast = layer(x)
         expected = general_path(layer, x)
@@ -67,7 +66,7 @@ def test_whole_model_generation_is_unchanged():
 
 def test_steps_aside_where_it_does_not_apply(monkeypatch):
     calls = []
-    monkeypatch.setattr(layer_module, "lora_decode_step", lambda *a: calls.append(1))  # returns None
+    monkeypatch.setattr(decode, "forward_with_adapter", lambda *a: calls.append(1))  # returns None
     model, layer = lora_layer()
     x = torch.randn(1, 64)
     model.train()
@@ -96,10 +95,12 @@ def test_the_kernel_declines_anything_that_needs_a_gradient():
     base = layer.base_layer
     lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     x = torch.randn(1, 64)
-    step = eetq_lora.kernels.lora_decode_step
-    assert lora_a.requires_grad and step(x, base.weight, base.weight_scales, lora_a, lora_b, 2.0) is None
+    plan = base.stream_plan()
+    step = decode.forward_with_adapter
+    assert lora_a.requires_grad and step(plan, x, lora_a, lora_b, 2.0) is None
     with torch.no_grad():
-        assert step(x, base.weight, base.weight_scales, lora_a, lora_b, 2.0) is not None
-        assert step(x.half(), base.weight, base.weight_scales, lora_a, lora_b, 2.0) is None  # float16
-        assert step(torch.randn(4, 64), base.weight, base.weight_scales, lora_a, lora_b, 2.0) is None  # M >= 4
-        assert step(x, base.weight, base.weight_scales, lora_a.bfloat16(), lora_b, 2.0) is None
+        assert step(plan, x, lora_a, lora_b, 2.0) is not None
+        assert step(plan, x.half(), lora_a, lora_b, 2.0) is None  # float16
+        assert step(plan, torch.randn(4, 64), lora_a, lora_b, 2.0) is None  # M >= 4
+        assert step(plan, x, lora_a.bfloat16(), lora_b, 2.0) is None
+        assert step(plan, x, lora_a[:, :32].contiguous(), lora_b, 2.0) is None  # an adapter of another layer's shape

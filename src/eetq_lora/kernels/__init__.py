@@ -32,12 +32,11 @@ Autograd saves only the int8 weight and its scales: no dequantized copy outlives
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
-from . import cpu, native, reference
+from . import cpu, decode, native, reference
 from .policy import compute_dtype, get_compute_dtype, resolve_compute_dtype, set_compute_dtype
 
 __all__ = [
@@ -72,10 +71,6 @@ CUDA_DEQUANT_MIN_ROWS = 64
 _triton_failed: list[str] = []
 
 
-def _force_reference() -> bool:
-    return os.environ.get("EETQ_LORA_KERNELS", "").strip().lower() == "reference"
-
-
 def _triton_usable() -> bool:
     if _triton_failed:
         return False
@@ -97,7 +92,7 @@ def _stream_limit(op: str, compute: torch.dtype) -> int:
 
 def select_path(device_type: str, compute: torch.dtype, rows: int, qweight: torch.Tensor, op: str = "forward") -> str:
     """Name of the path that runs ``op`` (``"forward"`` or ``"grad_input"``) for these operands."""
-    if _force_reference():
+    if decode.reference_forced():
         return "reference"
     if device_type == "cpu":
         if native.is_available():
@@ -181,83 +176,34 @@ def matmul_grad_input(
 class _Int8LinearFunction(torch.autograd.Function):
     # Saves only the module's own int8 weight and scales: no dequantized copy outlives a call.
     @staticmethod
-    def forward(ctx, x2d, qweight, scales, compute):
+    def forward(ctx, x2d, qweight, scales, compute, plan):
         ctx.save_for_backward(qweight, scales)
-        ctx.compute = compute
+        ctx.compute, ctx.plan = compute, plan
         return matmul_forward(x2d, qweight, scales, compute)
 
     @staticmethod
     def backward(ctx, grad_out):
         qweight, scales = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        grad_x = _decode_step(grad_out, qweight, scales, "grad_input")
+            return None, None, None, None, None
+        grad_x = decode.grad_input(ctx.plan, grad_out) if ctx.plan is not None else None
         if grad_x is None:
             grad_x = matmul_grad_input(grad_out, qweight, scales, ctx.compute)
-        return grad_x, None, None, None
-
-
-def _decode_step(
-    a2d: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    op: str,
-    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-) -> torch.Tensor | None:
-    # Token-by-token decoding on CPU takes the path select_path picks there (cpu-stream, float32
-    # kernels on exact activations below BF16_DOT_MIN_ROWS) in one step: with the caches cold, as
-    # after streaming the previous layer's weight, every Python frame costs microseconds, which is
-    # a tenth of an M=1 matmul. ``a2d`` is the activation (forward) or the output gradient
-    # (grad_input). None when any condition for that path does not hold.
-    if (
-        a2d.device.type != "cpu"
-        or a2d.shape[0] >= cpu.BF16_DOT_MIN_ROWS
-        or a2d.dtype not in (torch.float32, torch.bfloat16)
-        or qweight.stride(1) != 1
-        or qweight.stride(0) == 1
-        or scales.dtype != torch.float16
-        or not scales.is_contiguous()
-        or a2d.stride(1) != 1
-        or not native.is_available()
-        or _force_reference()
-    ):
-        return None
-    # qweight [in, out] is row-major: the forward sums over its rows, the input gradient along them.
-    return native.stream(a2d, qweight, scales, "rowaxpy" if op == "forward" else "rowdot", False, lora)
-
-
-def lora_decode_step(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor | None:
-    """``base(x) + lora_b(lora_a(x)) * scaling`` in one compiled call for CPU decoding without autograd.
-
-    The roundings are PEFT's (adapter in float32, its output cast to ``x``'s dtype, scaled, then
-    added). None unless this is the short decode path's case (see ``_decode_step``) with bias-free
-    contiguous float32 adapters and nothing that needs a gradient.
-    """
-    if (
-        lora_a.dtype != torch.float32
-        or lora_b.dtype != torch.float32
-        or not lora_a.is_contiguous()
-        or not lora_b.is_contiguous()
-        or x.shape[-1] != qweight.shape[0]
-        or (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad))
-    ):
-        return None
-    x2d = x.reshape(-1, x.shape[-1])
-    out = _decode_step(x2d, qweight, scales, "forward", (lora_a, lora_b, scaling))
-    return None if out is None else out.reshape(*x.shape[:-1], qweight.shape[1])
+        return grad_x, None, None, None, None
 
 
 def int8_linear(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: decode.StreamPlan | None = None,
 ) -> torch.Tensor:
-    """EETQ linear on activations of any leading shape; differentiable in ``x`` (and ``bias`` if it trains)."""
+    """EETQ linear on activations of any leading shape; differentiable in ``x`` (and ``bias`` if it trains).
+
+    ``plan`` is the caller's cached ``decode.StreamPlan`` for ``qweight`` and ``scales`` (a layer
+    keeps one); without it a CPU call with few rows builds one.
+    """
     if not torch.is_floating_point(x) or x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"EetqLinear expects float16, bfloat16 or float32 input, got {x.dtype}")
     in_features, out_features = qweight.shape
@@ -265,11 +211,14 @@ def int8_linear(
         raise ValueError(
             f"EetqLinear expects input whose last dimension is in_features={in_features}, got shape {tuple(x.shape)}"
         )
+    if plan is None and x.device.type == "cpu" and x.numel() <= decode.MAX_ROWS * in_features:
+        plan = decode.StreamPlan(qweight, scales)
+        plan = plan if plan.usable else None
     x2d = x.reshape(-1, in_features)
     if x2d.requires_grad and torch.is_grad_enabled():
-        out = _Int8LinearFunction.apply(x2d, qweight, scales, compute_dtype_for(x2d))
+        out = _Int8LinearFunction.apply(x2d, qweight, scales, compute_dtype_for(x2d), plan)
     else:
-        out = _decode_step(x2d, qweight, scales, "forward")
+        out = decode.forward(plan, x2d) if plan is not None else None
         if out is None:
             out = matmul_forward(x2d, qweight, scales)
     out = out.reshape(*x.shape[:-1], out_features)

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 
-from ..kernels import lora_decode_step
+from ..kernels import decode
 from ..quant import EetqLinear
 from .side_path import lora_side_path
 
@@ -130,35 +130,40 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
 
     def _decode_step(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         # Token-by-token generation on CPU: base matmul and the one active adapter in one compiled
-        # call (kernels.lora_decode_step), None whenever that call does not cover this case. Eval
-        # mode only: its adapter sums may differ from torch's GEMM in the last bit, and a training
-        # forward (a checkpointed one, say) must match its recomputation exactly.
-        if self.training or self.disable_adapters or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        # call (kernels.decode), None whenever that call does not cover this case. Eval mode only:
+        # its adapter sums may differ from torch's GEMM in the last bit, and a training forward (a
+        # checkpointed one, say) must match its recomputation exactly. Every step here is a plain
+        # attribute or dict lookup: with cold caches each Python step costs microseconds.
+        if self.training or self.disable_adapters or not x.is_cpu or decode.autocast_active():
             return None
-        active = self.active_adapters
-        if len(active) != 1 or active[0] not in self.lora_A:
-            return None
-        lora_A, lora_B = self.lora_A[active[0]], self.lora_B[active[0]]
-        dropout = self.lora_dropout[active[0]]
+        active = self.active_adapter
+        if type(active) is not str:
+            if len(active) != 1:
+                return None
+            active = active[0]
+        lora_A = self.lora_A._modules.get(active)
+        lora_B = self.lora_B._modules.get(active)
         base = self.base_layer
-        if (
-            type(base) is not EetqLinear
-            or base.bias is not None
-            or not self._plain_adapter(lora_A, lora_B)
-            or (dropout.training and not isinstance(dropout, torch.nn.Identity))
-        ):
+        if lora_A is None or lora_B is None or type(base) is not EetqLinear or base.bias is not None:
             return None
-        return lora_decode_step(
-            x, base.weight, base.weight_scales, lora_A.weight, lora_B.weight, self.scaling[active[0]]
-        )
+        dropout = self.lora_dropout[active]
+        if (dropout.training and type(dropout) is not torch.nn.Identity) or not self._plain_adapter(lora_A, lora_B):
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        plan = base.stream_plan()
+        if plan is None:
+            return None
+        return decode.forward_with_adapter(plan, x, lora_A.weight, lora_B.weight, self.scaling[active])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None and not args and not kwargs:
+        if not args and not kwargs:
+            # PEFT's argument check only looks at adapter_names, so a bare call skips it.
             out = self._decode_step(x)
             if out is not None:
                 return out
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
         result = self.quant_linear_module(x, *args, **kwargs)
         if self.disable_adapters:
             return result

@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..kernels import int8_linear
+from ..kernels import decode, int8_linear
 from .layout import DEFAULT_LAYOUT, check_layout, pack_weight, resolve_layout, unpack_weight
 from .quantize import dequantize_weight, quantize_weight
 
@@ -85,16 +85,32 @@ class EetqLinear(nn.Module):
         return dequantize_weight(self.weight, self.weight_scales, dtype or self.weight_scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type) and torch.is_floating_point(x):
-            # Like nn.Linear under autocast: run in the autocast dtype, then let the kernel pick
-            # its own compute dtype without autocast rewriting its matmuls.
-            x = x.to(torch.get_autocast_dtype(device_type))
-            with torch.autocast(device_type, enabled=False):
-                return int8_linear(x, self.weight, self.weight_scales, self.bias)
-        return int8_linear(x, self.weight, self.weight_scales, self.bias)
+        weight, scales = self.weight, self.weight_scales
+        if decode.autocast_active():
+            device_type = x.device.type
+            if torch.is_autocast_enabled(device_type) and torch.is_floating_point(x):
+                # Like nn.Linear under autocast: run in the autocast dtype, then let the kernel pick
+                # its own compute dtype without autocast rewriting its matmuls.
+                x = x.to(torch.get_autocast_dtype(device_type))
+                with torch.autocast(device_type, enabled=False):
+                    return int8_linear(x, weight, scales, self.bias)
+        elif x.is_cpu and not torch.compiler.is_compiling():
+            # CPU decoding: the cached plan skips the per-call checks of the weight (see kernels.decode).
+            plan = decode.layer_plan(self, weight, scales)
+            if plan is not None and not (x.requires_grad and torch.is_grad_enabled()):
+                out = decode.forward(plan, x)
+                if out is not None:
+                    bias = self.bias
+                    return out if bias is None else out + bias.to(out.dtype)
+            return int8_linear(x, weight, scales, self.bias, plan)
+        return int8_linear(x, weight, scales, self.bias)
+
+    def stream_plan(self) -> "decode.StreamPlan | None":
+        """This layer's cached CPU decode plan (see ``kernels.decode``), None where its weight cannot stream."""
+        return decode.layer_plan(self, self.weight, self.weight_scales)
 
     def _apply(self, fn, recurse=True):
+        decode.forget_plan(self)
         scales = self.weight_scales
         super()._apply(fn, recurse)
         if self.weight_scales.dtype != torch.float16:

@@ -1,0 +1,140 @@
+"""The CPU decode path: a layer's cached plan, when it is rebuilt, and that it agrees with the dispatcher."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import eetq_lora.kernels as kernels
+from eetq_lora import EetqLinear
+from eetq_lora.kernels import decode, native
+from tests.kernels.helpers import float64_forward, relative_error
+
+pytestmark = pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+
+
+def layer(in_features=96, out_features=80, bias=False, seed=0):
+    torch.manual_seed(seed)
+    return EetqLinear.from_linear(nn.Linear(in_features, out_features, bias=bias)).eval()
+
+
+def general_forward(module, x):
+    """The dispatcher's result for the same call, bypassing the decode path."""
+    out = kernels.matmul_forward(x.reshape(-1, module.in_features), module.weight, module.weight_scales)
+    out = out.reshape(*x.shape[:-1], module.out_features)
+    return out if module.bias is None else out + module.bias.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 96), (3, 96), (1, 2, 96), (96,)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_decode_matches_the_dispatcher_and_float64(monkeypatch, dtype, shape, bias):
+    module = layer(bias=bias)
+    x = torch.randn(*shape).to(dtype)
+    expected = general_forward(module, x)
+    monkeypatch.setattr(kernels, "matmul_forward", lambda *a: pytest.fail("took the general path"))
+    with torch.no_grad():
+        out = module(x)
+    assert out.dtype == dtype and out.shape == expected.shape and torch.equal(out, expected)
+    reference = float64_forward(x.reshape(-1, 96), module.weight, module.weight_scales).reshape(expected.shape)
+    if bias:
+        reference = reference + module.bias.double()
+    assert relative_error(out, reference) < (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+def test_plan_is_cached_and_rebuilt_when_the_weight_changes():
+    module = layer()
+    x = torch.randn(1, 96)
+    plan = module.stream_plan()
+    assert plan is not None and module.stream_plan() is plan
+    with torch.no_grad():
+        before = module(x)
+        # Replacing the tensor object, or the storage behind the same object, both rebuild the plan.
+        module.weight = nn.Parameter(module.weight.flip(0).contiguous(), requires_grad=False)
+        assert module.stream_plan() is not plan
+        torch.testing.assert_close(module(x), general_forward(module, x), rtol=0, atol=0)
+        plan = module.stream_plan()
+        module.weight.data = module.weight.data.flip(0).contiguous()
+        assert module.stream_plan() is not plan
+        assert torch.equal(module(x), before)
+
+
+def test_plan_follows_load_state_dict_in_place_and_by_assignment():
+    module, other = layer(seed=0), layer(seed=1)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        module(x)
+        module.load_state_dict(other.state_dict())
+        assert torch.equal(module(x), other(x))
+        module.load_state_dict(layer(seed=2).state_dict(), assign=True)
+        assert torch.equal(module(x), layer(seed=2)(x))
+
+
+def test_plan_does_not_keep_a_replaced_weight_alive():
+    module = layer()
+    with torch.no_grad():
+        module(torch.randn(1, 96))
+    old = weakref.ref(module.weight)
+    module.weight = nn.Parameter(module.weight.clone(), requires_grad=False)
+    gc.collect()
+    assert old() is None
+
+
+def test_moving_the_layer_drops_its_plan():
+    module = layer()
+    module.stream_plan()
+    assert "_eetq_stream_plan" in module.__dict__
+    module.to(torch.float32)
+    assert "_eetq_stream_plan" not in module.__dict__
+
+
+def test_weights_that_cannot_stream_have_no_plan():
+    module = layer()
+    module.weight.data = module.weight.data.t().contiguous().t()  # [in, out] view of [out, in] storage
+    assert module.stream_plan() is None
+    with torch.no_grad():
+        x = torch.randn(1, 96)
+        torch.testing.assert_close(module(x), general_forward(module, x), rtol=0, atol=0)
+
+
+def test_reference_switch_applies_to_layers_with_a_plan(monkeypatch):
+    module = layer()
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        module(x)
+        monkeypatch.setenv("EETQ_LORA_KERNELS", "reference")
+        assert decode.reference_forced() and decode.forward(module.stream_plan(), x) is None
+        paths = []
+        original = kernels.select_path
+        monkeypatch.setattr(kernels, "select_path", lambda *a: paths.append(original(*a)) or paths[-1])
+        module(x)
+    assert paths == ["reference"]
+    monkeypatch.setenv("EETQ_LORA_KERNELS", "")
+    assert not decode.reference_forced()
+
+
+def test_cases_the_decode_path_leaves_to_the_dispatcher():
+    module = layer()
+    plan = module.stream_plan()
+    with torch.no_grad():
+        assert decode.forward(plan, torch.randn(4, 96)) is None  # too many rows
+        assert decode.forward(plan, torch.randn(1, 96).half()) is None  # float16
+        assert decode.forward(plan, torch.randn(96, 2).t()) is None  # not contiguous
+        assert decode.forward(plan, torch.randn(1, 95)) is None  # wrong width
+        assert decode.forward(plan, torch.tensor(1.0)) is None  # zero-dimensional
+    x = torch.randn(1, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)  # like nn.Linear: the input is cast to the autocast dtype first
+    assert out.dtype == torch.bfloat16 and torch.equal(out, general_forward(module, x.bfloat16()))
+
+
+def test_training_step_uses_the_plan_for_the_input_gradient(monkeypatch):
+    module = layer()
+    x = torch.randn(2, 96, requires_grad=True)
+    grad = torch.randn(2, 80)
+    expected = kernels.matmul_grad_input(grad, module.weight, module.weight_scales)
+    monkeypatch.setattr(kernels, "matmul_grad_input", lambda *a: pytest.fail("took the general path"))
+    module(x).backward(grad)
+    assert torch.equal(x.grad, expected)
