@@ -11,8 +11,10 @@ weights: hidden 576, intermediate 1536, 30 layers, 9 heads, 3 KV heads, vocab 49
 Every token is labelled. The PEFT configurations take transformers' loss (``model(...,
 labels=...).loss``), as a PEFT training loop does; the eetq ones take eetq-lora's training
 step (``eetq_lora.training.loss.answer_token_stats``: the same mean next-token loss, with the
-vocabulary projection and cross-entropy in chunks). ``eetq-bf16/hf-loss`` is eetq-bf16 with
-transformers' loss, to show what the chunked loss itself saves.
+vocabulary projection and cross-entropy in chunks) on a model prepared as eetq-lora's
+fine-tuning prepares it (``recompute_cheap_ops``: RMSNorm and the MLP activation recomputed in
+backward). ``eetq-bf16/hf-loss`` is eetq-bf16 with transformers' loss and model forward as they
+are, to show what those two save.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import eetq_lora
 from eetq_lora.kernels import compute_dtype
 from eetq_lora.training.loss import answer_token_stats
+from eetq_lora.training.recompute import recompute_cheap_ops
 
 CONFIGS = ("peft-fp32", "peft-bf16", "eetq-bf16", "eetq-bf16/hf-loss", "eetq-fp32", "eetq-fp32/bf16c")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -61,6 +64,8 @@ def build(config_name: str, layers: int) -> tuple[torch.nn.Module, torch.dtype |
     if config_name.startswith("eetq"):
         eetq_lora.quantize_model(model)
         model = eetq_lora.get_peft_model(model, lora)
+        if not config_name.endswith("hf-loss"):
+            recompute_cheap_ops(model)
     else:
         model = peft_get_peft_model(model, lora)
     return model, (torch.bfloat16 if config_name.endswith("bf16c") else None)
