@@ -138,3 +138,28 @@ def test_training_step_uses_the_plan_for_the_input_gradient(monkeypatch):
     monkeypatch.setattr(kernels, "matmul_grad_input", lambda *a: pytest.fail("took the general path"))
     module(x).backward(grad)
     assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 16, 20])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_in_the_decode_call_matches_peft_roundings(rank, rows, dtype):
+    # Odd sizes reach the vector loops' tails (in, out and rank not multiples of 16 or 4).
+    module = layer(in_features=100, out_features=37)
+    generator = torch.Generator().manual_seed(rank)
+    lora_a = torch.randn(rank, 100, generator=generator) / 10
+    lora_b = torch.randn(37, rank, generator=generator) / 10
+    x = torch.randn(rows, 100, generator=generator).to(dtype)
+    with torch.no_grad():
+        out = decode.forward_with_adapter(module.stream_plan(), x, lora_a, lora_b, 2.0)
+        base = general_forward(module, x)
+        # PEFT's steps: the adapter in float32 (here float64), cast to x's dtype, scaled, then added.
+        adapter = (x.double() @ lora_a.double().t() @ lora_b.double().t()).to(dtype) * 2.0
+        expected = base + adapter
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:
+        # Sums in another order can move a result to the neighbouring bfloat16, no further.
+        torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-2)
+        assert (out == expected).float().mean() > 0.9

@@ -4,7 +4,7 @@ Kept as a Python string so that every install (wheel, sdist, editable) carries i
 package-data configuration.
 """
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 SOURCE = r"""
 /* eetq_lora CPU kernels. q is an int8 matrix [R, C] with unit column stride and row stride ldq;
@@ -35,7 +35,7 @@ typedef float vf __attribute__((vector_size(64)));
 #define ROW_PREFETCH 2048
 #endif
 
-int eetq_abi_version(void) { return 4; }
+int eetq_abi_version(void) { return 5; }
 
 #if defined(EETQ_AVX512) && defined(__AVX512BF16__)
 #define EETQ_BF16_DOT 1
@@ -78,6 +78,16 @@ INLINE vf load_q(const int8_t* p) {
 INLINE vf load_f(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 INLINE void store_f(float* p, vf v) { memcpy(p, &v, sizeof v); }
 INLINE float hsum(vf v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+/* A tree sum (a different order from hsum's), for the LoRA adapter's dot products. */
+INLINE float tree_sum(vf v) {
+#if defined(EETQ_AVX512)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    for (int width = 8; width >= 1; width /= 2)
+        for (int i = 0; i < width; i++) v[i] += v[i + width];
+    return v[0];
+#endif
+}
 
 static uint16_t bf16_scalar(float f) {
     uint32_t u;
@@ -337,6 +347,32 @@ static float round_bf16(float f) {
     return f;
 }
 
+/* sum_i x[i] * y[i], 16 lanes at a time (the LoRA adapter's small dot products). */
+INLINE float dot_f(const float* x, const float* y, int64_t n) {
+    vf acc = (vf){0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc += load_f(x + i) * load_f(y + i);
+    float t = tree_sum(acc);
+    for (; i < n; i++) t += x[i] * y[i];
+    return t;
+}
+
+/* hidden[j0 + j] = sum_k a[k] * lora_a[j0 + j, k] for JB rows of the adapter's A [rank, K] at once. */
+INLINE void lora_hidden(int JB, const float* a, const float* lora_a, int64_t K, int64_t j0, float* hidden) {
+    vf acc[4];
+    for (int j = 0; j < JB; j++) acc[j] = (vf){0};
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        vf x = load_f(a + k);
+        for (int j = 0; j < JB; j++) acc[j] += x * load_f(lora_a + (j0 + j) * K + k);
+    }
+    for (int j = 0; j < JB; j++) {
+        float t = tree_sum(acc[j]);
+        for (int64_t kk = k; kk < K; kk++) t += a[kk] * lora_a[(j0 + j) * K + kk];
+        hidden[j0 + j] = t;
+    }
+}
+
 /* One call for a small-M matmul straight from the layer's tensors: activations a [M, K] in float32
    (a_bf16 == 0) or bfloat16 bits, float16 scales, result in float32 or bfloat16 (out_bf16, rounded
    to nearest even). rowaxpy (kernel == 1) or rowdot (0) over q [R, C]; the scale applies to q's
@@ -380,19 +416,17 @@ int eetq_stream(int kernel, const void* a, int a_bf16, int64_t M, int64_t lda, c
             status = -1;
             goto done;
         }
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t j = 0; j < rank; j++) {
-                float t = 0.f;
-                for (int64_t k = 0; k < K; k++) t += av[m * la + k] * lora_a[j * K + k];
-                hidden[m * rank + j] = t;
-            }
+        for (int64_t m = 0; m < M; m++) {
+            int64_t j = 0;
+            for (; j + 4 <= rank; j += 4) lora_hidden(4, av + m * la, lora_a, K, j, hidden + m * rank);
+            for (; j < rank; j++) lora_hidden(1, av + m * la, lora_a, K, j, hidden + m * rank);
+        }
     }
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n++) {
             float v = out32[m * lo + n];
             if (hidden) {
-                float t = 0.f;
-                for (int64_t j = 0; j < rank; j++) t += hidden[m * rank + j] * lora_b[n * rank + j];
+                float t = dot_f(hidden + m * rank, lora_b + n * rank, rank);
                 if (out_bf16)
                     v = round_bf16(round_bf16(v) + round_bf16(round_bf16(t) * scaling));
                 else
