@@ -130,14 +130,17 @@ def test_cases_the_decode_path_leaves_to_the_dispatcher():
     assert out.dtype == torch.bfloat16 and torch.equal(out, general_forward(module, x.bfloat16()))
 
 
-def test_training_step_uses_the_plan_for_the_input_gradient(monkeypatch):
+def test_training_step_uses_the_plan_forward_and_backward(monkeypatch):
     module = layer()
     x = torch.randn(2, 96, requires_grad=True)
     grad = torch.randn(2, 80)
-    expected = kernels.matmul_grad_input(grad, module.weight, module.weight_scales)
+    expected = general_forward(module, x.detach())
+    expected_grad = kernels.matmul_grad_input(grad, module.weight, module.weight_scales)
+    monkeypatch.setattr(kernels, "matmul_forward", lambda *a: pytest.fail("took the general path"))
     monkeypatch.setattr(kernels, "matmul_grad_input", lambda *a: pytest.fail("took the general path"))
-    module(x).backward(grad)
-    assert torch.equal(x.grad, expected)
+    out = module(x)
+    out.backward(grad)
+    assert torch.equal(out, expected) and torch.equal(x.grad, expected_grad)
 
 
 @pytest.mark.parametrize("rank", [1, 5, 16, 20])

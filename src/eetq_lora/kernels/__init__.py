@@ -179,7 +179,8 @@ class _Int8LinearFunction(torch.autograd.Function):
     def forward(ctx, x2d, qweight, scales, compute, plan):
         ctx.save_for_backward(qweight, scales)
         ctx.compute, ctx.plan = compute, plan
-        return matmul_forward(x2d, qweight, scales, compute)
+        out = decode.forward(plan, x2d) if plan is not None else None
+        return out if out is not None else matmul_forward(x2d, qweight, scales, compute)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -12,7 +12,8 @@ pointers (held weakly), so replacing either (``layer.weight = ...``, ``.data = .
 rebuilds it.
 
 The kernel is ``eetq_stream`` in float32 arithmetic from exact activations: the path
-``select_path`` picks for CPU activations below ``cpu.BF16_DOT_MIN_ROWS`` rows.
+``select_path`` picks for CPU activations below ``cpu.BF16_DOT_MIN_ROWS`` rows. Training steps
+with that few rows take it too, for the forward and the input gradient.
 """
 
 from __future__ import annotations
