@@ -5,7 +5,17 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GraniteConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 import eetq_lora
 from eetq_lora.training.recompute import recompute_cheap_ops
@@ -26,8 +36,17 @@ def family_model(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "llama":
         return tiny_llama()
-    config = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "phi3": Phi3Config}[family]
-    extra = {"pad_token_id": 0} if family == "phi3" else {}
+    config = {
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "phi3": Phi3Config,
+        "gemma2": Gemma2Config,
+        "gemma3": Gemma3TextConfig,
+        "granite": GraniteConfig,
+        "olmo2": Olmo2Config,
+    }[family]
+    extra = {"pad_token_id": 0} if family == "phi3" else {"head_dim": 16} if family.startswith("gemma") else {}
     return AutoModelForCausalLM.from_config(config(**SMALL, **extra)).eval()
 
 
@@ -69,13 +88,18 @@ def saved_activation_bytes(model, ids) -> int:
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite", "olmo2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_same_loss_and_gradients_with_less_saved(family):
     model = lora_model(family)
     twin = copy.deepcopy(model)
     layers = 2
-    norms = 2 * layers + 1 + (2 * layers if family == "qwen3" else 0)  # Qwen3 also normalizes q and k
-    assert recompute_cheap_ops(twin) == norms + layers
+    kinds = [type(m).__name__ for m in twin.modules()]
+    norms_and_mlps = sum(name.endswith(("RMSNorm", "MLP")) for name in kinds)
+    assert sum(name.endswith("MLP") for name in kinds) == layers
+    assert recompute_cheap_ops(twin) == norms_and_mlps
     ids = token_batch()
     loss, grads = step(model, ids)
     twin_loss, twin_grads = step(twin, ids)

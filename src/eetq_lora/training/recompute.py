@@ -20,9 +20,11 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"})
+_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Gemma3", "Granite", "Olmo2", "SmolLM3")
+# Recomputed by calling the class's own forward, so each family's formula (Gemma's 1 + weight) holds.
+RMS_NORMS = frozenset({f"{family}RMSNorm" for family in _FAMILIES} | {"Phi3RMSNorm"})
 # down_proj(act_fn(gate_proj(x)) * up_proj(x))
-GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+GATED_MLPS = frozenset(f"{family}MLP" for family in _FAMILIES)
 # down_proj(up * activation_fn(gate)) with gate, up = gate_up_proj(x).chunk(2, dim=-1)
 FUSED_GATE_UP_MLPS = frozenset({"Phi3MLP"})
 _PATCHED = "_eetq_recompute"
