@@ -1,6 +1,8 @@
 """The CPU decode path: a layer's cached plan, when it is rebuilt, and that it agrees with the dispatcher."""
 
+import copy
 import gc
+import pickle
 import weakref
 
 import pytest
@@ -166,3 +168,16 @@ def test_adapter_in_the_decode_call_matches_peft_roundings(rank, rows, dtype):
         # Sums in another order can move a result to the neighbouring bfloat16, no further.
         torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-2)
         assert (out == expected).float().mean() > 0.9
+
+
+def test_a_layer_with_a_plan_copies_and_pickles_and_the_copy_builds_its_own():
+    module = layer()
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        expected = module(x)
+    twin = copy.deepcopy(module)
+    restored = pickle.loads(pickle.dumps(module))
+    for other in (twin, restored):
+        with torch.no_grad():
+            assert torch.equal(other(x), expected)
+        assert other.stream_plan().weight_ptr == other.weight.data_ptr() != module.weight.data_ptr()

@@ -76,6 +76,14 @@ class StreamPlan:
         )
         self.kernel = native.library().eetq_stream if self.usable else None
 
+    def __reduce__(self):
+        # A copied or pickled layer rebuilds its own plan: this one points at the original's memory.
+        return (_no_plan, ())
+
+
+def _no_plan() -> None:
+    return None
+
 
 def layer_plan(layer: torch.nn.Module, qweight: torch.Tensor, scales: torch.Tensor) -> StreamPlan | None:
     """``layer``'s cached plan for these weight and scale tensors (rebuilt when they change); None if unusable."""
