@@ -8,17 +8,20 @@ from transformers import LlamaConfig, LlamaForCausalLM
 VOCAB = 128
 
 
+# The sizes of every tiny test model, whatever its family.
+TINY_SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    settings = dict(TINY_SIZES, tie_word_embeddings=False)
     settings.update(overrides)
     return LlamaConfig(**settings)
 

@@ -19,17 +19,7 @@ from transformers import (
 
 import eetq_lora
 from eetq_lora.training.recompute import recompute_cheap_ops
-from tests.helpers import VOCAB, tiny_llama, token_batch
-
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+from tests.helpers import TINY_SIZES, tiny_llama, token_batch
 
 
 def family_model(family: str) -> torch.nn.Module:
@@ -47,7 +37,7 @@ def family_model(family: str) -> torch.nn.Module:
         "olmo2": Olmo2Config,
     }[family]
     extra = {"pad_token_id": 0} if family == "phi3" else {"head_dim": 16} if family.startswith("gemma") else {}
-    return AutoModelForCausalLM.from_config(config(**SMALL, **extra)).eval()
+    return AutoModelForCausalLM.from_config(config(**TINY_SIZES, **extra)).eval()
 
 
 def lora_model(family: str = "llama", dtype: torch.dtype = torch.bfloat16, dropout: float = 0.0):
