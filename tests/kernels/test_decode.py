@@ -12,7 +12,7 @@ from torch import nn
 import eetq_lora.kernels as kernels
 from eetq_lora import EetqLinear
 from eetq_lora.kernels import decode, native
-from tests.kernels.helpers import float64_forward, relative_error
+from tests.kernels.helpers import float64_forward, float64_grad_input, relative_error
 
 pytestmark = pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
 
@@ -181,3 +181,20 @@ def test_a_layer_with_a_plan_copies_and_pickles_and_the_copy_builds_its_own():
         with torch.no_grad():
             assert torch.equal(other(x), expected)
         assert other.stream_plan().weight_ptr == other.weight.data_ptr() != module.weight.data_ptr()
+
+
+def test_decode_calls_split_over_threads_agree_with_float64(monkeypatch):
+    # Test-sized layers run on one thread; force the split so the threaded decode stays covered.
+    module = layer(in_features=256, out_features=320)
+    plan = module.stream_plan()
+    x, grad = torch.randn(2, 256), torch.randn(2, 320)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(native, "SINGLE_THREAD_WORK_BYTES", 0)
+    torch.set_num_threads(2)
+    try:
+        out, grad_in = decode.forward(plan, x), decode.grad_input(plan, grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert relative_error(out, float64_forward(x, module.weight, module.weight_scales)) < 1e-5
+    expected_grad = float64_grad_input(grad, module.weight, module.weight_scales)
+    assert relative_error(grad_in, expected_grad) < 1e-5

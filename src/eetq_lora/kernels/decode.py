@@ -104,11 +104,6 @@ def forget_plan(layer: torch.nn.Module) -> None:
     layer.__dict__.pop(_PLAN_ATTRIBUTE, None)
 
 
-def _threads(rows: int, plan: StreamPlan) -> int:
-    work = rows * plan.in_features * plan.out_features
-    return 1 if work < native.SINGLE_THREAD_WORK_BYTES else torch.get_num_threads()
-
-
 def _rows(a: torch.Tensor, features: int) -> int:
     # Rows of ``a`` seen as [rows, features], or 0 when this path does not take it: wrong dtype,
     # a non-contiguous layout, too many rows, or anything that needs a gradient.
@@ -190,7 +185,7 @@ def _call(plan: StreamPlan, rowaxpy: int, a: torch.Tensor, rows: int, width: int
         0 if lora_a is None else lora_a.shape[0],
         None if lora_b is None else lora_b.data_ptr(),
         float(scaling),
-        _threads(rows, plan),
+        native.threads_for(rows * plan.in_features * plan.out_features),
     )
     if status != 0:
         raise MemoryError("eetq_lora: the CPU decode kernel could not allocate its workspace")

@@ -213,8 +213,13 @@ def _reset_for_tests() -> None:
 SINGLE_THREAD_WORK_BYTES = 4 * 2**20
 
 
+def threads_for(work_bytes: int) -> int:
+    """Threads for a streaming call over ``work_bytes`` (rows x int8 weight bytes)."""
+    return 1 if work_bytes < SINGLE_THREAD_WORK_BYTES else torch.get_num_threads()
+
+
 def _threads(rows: int, q: torch.Tensor) -> int:
-    return 1 if rows * q.numel() < SINGLE_THREAD_WORK_BYTES else torch.get_num_threads()
+    return threads_for(rows * q.numel())
 
 
 def _ptr(tensor: torch.Tensor | None) -> int | None:
@@ -298,16 +303,13 @@ def stream(
     scales: torch.Tensor,
     kernel: str,
     scale_on_rows: bool,
-    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """``rowaxpy`` or ``rowdot`` straight from a layer's tensors, result in ``a``'s dtype.
 
     ``a`` is float32 or bfloat16 with unit column stride, ``scales`` float16 (contiguous): the
     kernel converts both exactly and rounds the result once; see ``eetq_stream`` in the C source.
-    ``lora=(A [rank, K], B [N, rank], scaling)``, contiguous float32, adds that adapter's output
-    with PEFT's roundings in ``a``'s dtype.
+    (``decode.py`` calls the same kernel with a fused LoRA adapter.)
     """
-    lora_a, lora_b, scaling = lora if lora is not None else (None, None, 0.0)
     lib = library()
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
     out = torch.empty(m, c if kernel == "rowaxpy" else r, dtype=a.dtype)
@@ -326,10 +328,10 @@ def stream(
         out.data_ptr(),
         int(a.dtype == torch.bfloat16),
         out.stride(0),
-        _ptr(lora_a),
-        0 if lora_a is None else lora_a.shape[0],
-        _ptr(lora_b),
-        float(scaling),
+        None,
+        0,
+        None,
+        0.0,
         _threads(m, q),
     )
     if status_code != 0:
