@@ -6,7 +6,9 @@ Times ``generate`` (greedy, KV cache, batch 1) in one process, alternating the
 configurations round by round: eetq-lora's int8 model with a LoRA adapter (r=16, all-linear),
 and PEFT LoRA on the same model in float32 and in bfloat16. Prints tokens/s and the ratio of
 each peer's time per token to ours. Weights are random (no download); the decoding cost does not
-depend on them. OMP_WAIT_POLICY=PASSIVE is set before torch loads, as in the other benchmarks.
+depend on them. OMP_WAIT_POLICY=PASSIVE is set before torch loads, as in the other benchmarks,
+unless the variable is already set (``OMP_WAIT_POLICY= python benchmarks/decode.py`` times
+OpenMP's default policy, under which small layers use both threads).
 """
 
 from __future__ import annotations

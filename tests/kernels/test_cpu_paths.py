@@ -219,10 +219,15 @@ def test_streaming_kernels_split_over_threads_match_float64(monkeypatch, rows, l
         torch.set_num_threads(threads)
 
 
-@needs_native
 def test_small_work_runs_on_one_thread():
-    small, _ = int8_weight(576, 576)
+    small, _ = int8_weight(128, 256)
     assert native._threads(1, small) == 1
     big = torch.empty(4096, 4096, dtype=torch.int8)
     assert native._threads(1, big) == torch.get_num_threads()
-    assert native._threads(64, small) == torch.get_num_threads()
+    assert native._threads(native.SINGLE_THREAD_WORK_BYTES // small.numel(), small) == torch.get_num_threads()
+
+
+def test_one_thread_limit_follows_the_openmp_wait_policy():
+    # Sleeping workers (PASSIVE) cost a wake-up per call; spinning ones (the default) do not.
+    assert native.single_thread_work_bytes("passive") == native.single_thread_work_bytes(" PASSIVE ") == 4 * 2**20
+    assert native.single_thread_work_bytes("") == native.single_thread_work_bytes("ACTIVE") == 256 * 2**10
