@@ -95,6 +95,14 @@ static uint16_t bf16_scalar(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* bfloat16 bits -> float32 (exact). */
+static float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 /* Round-to-nearest-even float32 -> bfloat16; inputs are finite (an int8 times a finite scale). */
 INLINE void store_bf16(uint16_t* dst, vf v) {
 #if defined(EETQ_AVX512) && defined(__AVX512BF16__)
@@ -341,11 +349,7 @@ static float f16_to_float(uint16_t h) {
     return f;
 }
 
-static float round_bf16(float f) {
-    uint32_t bits = (uint32_t)bf16_scalar(f) << 16;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+static float round_bf16(float f) { return bf16_to_float(bf16_scalar(f)); }
 
 /* sum_i x[i] * y[i], 16 lanes at a time (the LoRA adapter's small dot products). */
 INLINE float dot_f(const float* x, const float* y, int64_t n) {
@@ -395,13 +399,8 @@ int eetq_stream(int kernel, const void* a, int a_bf16, int64_t M, int64_t lda, c
     if (a_bf16) {
         a32 = (float*)malloc(sizeof(float) * (size_t)(M * K > 0 ? M * K : 1));
         if (!a32) goto done;
-        for (int64_t m = 0; m < M; m++) {
-            const uint16_t* row = (const uint16_t*)a + m * lda;
-            for (int64_t k = 0; k < K; k++) {
-                uint32_t bits = (uint32_t)row[k] << 16;
-                memcpy(a32 + m * K + k, &bits, 4);
-            }
-        }
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t k = 0; k < K; k++) a32[m * K + k] = bf16_to_float(((const uint16_t*)a)[m * lda + k]);
     }
     const float* av = a_bf16 ? a32 : (const float*)a;
     int64_t la = a_bf16 ? K : lda, lo = out_bf16 ? N : ldo;
@@ -450,13 +449,6 @@ done:
    lane, and int8 converts to bfloat16 exactly, so only the activations' rounding differs from the
    float32 kernels. Weights are converted once per 8 activation rows. */
 
-static float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 INLINE void rowdot16_block(int MB, const uint16_t* a, int64_t lda, const int8_t* q, int64_t ldq, int64_t C,
                            const float* row_scale, float* out, int64_t ldo, int64_t r0, int64_t m0) {
     __m512 acc[2][8];
@@ -481,12 +473,8 @@ INLINE void rowdot16_block(int MB, const uint16_t* a, int64_t lda, const int8_t*
     for (int r = 0; r < 2; r++)
         for (int i = 0; i < MB; i++) {
             float t = _mm512_reduce_add_ps(acc[r][i]);
-            for (int64_t cc = c; cc < C; cc++) {
-                uint32_t bits = (uint32_t)a[(m0 + i) * lda + cc] << 16;
-                float x;
-                memcpy(&x, &bits, 4);
-                t += x * (float)q[(r0 + r) * ldq + cc];
-            }
+            for (int64_t cc = c; cc < C; cc++)
+                t += bf16_to_float(a[(m0 + i) * lda + cc]) * (float)q[(r0 + r) * ldq + cc];
             out[(m0 + i) * ldo + r0 + r] = row_scale ? t * row_scale[r0 + r] : t;
         }
 }
