@@ -205,6 +205,14 @@ def int8_linear(
     ``plan`` is the caller's cached ``decode.StreamPlan`` for ``qweight`` and ``scales`` (a layer
     keeps one); without it a CPU call with few rows builds one.
     """
+    if plan is None and x.is_cpu and x.numel() <= decode.MAX_ROWS * qweight.shape[0]:
+        plan = decode.StreamPlan(qweight, scales)
+        plan = plan if plan.usable else None
+    if plan is not None and not (x.requires_grad and torch.is_grad_enabled()):
+        # Decoding: one compiled call that checks the activation itself, before any other step.
+        out = decode.forward(plan, x)
+        if out is not None:
+            return out if bias is None else out + bias.to(out.dtype)
     if not torch.is_floating_point(x) or x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"EetqLinear expects float16, bfloat16 or float32 input, got {x.dtype}")
     in_features, out_features = qweight.shape
@@ -212,16 +220,11 @@ def int8_linear(
         raise ValueError(
             f"EetqLinear expects input whose last dimension is in_features={in_features}, got shape {tuple(x.shape)}"
         )
-    if plan is None and x.device.type == "cpu" and x.numel() <= decode.MAX_ROWS * in_features:
-        plan = decode.StreamPlan(qweight, scales)
-        plan = plan if plan.usable else None
     x2d = x.reshape(-1, in_features)
     if x2d.requires_grad and torch.is_grad_enabled():
         out = _Int8LinearFunction.apply(x2d, qweight, scales, compute_dtype_for(x2d), plan)
     else:
-        out = decode.forward(plan, x2d) if plan is not None else None
-        if out is None:
-            out = matmul_forward(x2d, qweight, scales)
+        out = matmul_forward(x2d, qweight, scales)
     out = out.reshape(*x.shape[:-1], out_features)
     if bias is not None:
         out = out + bias.to(out.dtype)

@@ -105,8 +105,8 @@ def forget_plan(layer: torch.nn.Module) -> None:
 
 
 def _rows(a: torch.Tensor, features: int) -> int:
-    # Rows of ``a`` seen as [rows, features], or 0 when this path does not take it: wrong dtype,
-    # a non-contiguous layout, too many rows, or anything that needs a gradient.
+    # Rows of ``a`` seen as [rows, features], or 0 when this path does not take it: another device,
+    # dtype or width, a non-contiguous layout, or too many rows.
     if not a.is_cpu or not a.ndim or a.shape[-1] != features or not a.is_contiguous():
         return 0
     dtype = a.dtype

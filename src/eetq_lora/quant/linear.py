@@ -95,14 +95,8 @@ class EetqLinear(nn.Module):
                 with torch.autocast(device_type, enabled=False):
                     return int8_linear(x, weight, scales, self.bias)
         elif x.is_cpu and not torch.compiler.is_compiling():
-            # CPU decoding: the cached plan skips the per-call checks of the weight (see kernels.decode).
-            plan = decode.layer_plan(self, weight, scales)
-            if plan is not None and not (x.requires_grad and torch.is_grad_enabled()):
-                out = decode.forward(plan, x)
-                if out is not None:
-                    bias = self.bias
-                    return out if bias is None else out + bias.to(out.dtype)
-            return int8_linear(x, weight, scales, self.bias, plan)
+            # The cached plan spares a CPU call the per-call checks of the weight (see kernels.decode).
+            return int8_linear(x, weight, scales, self.bias, decode.layer_plan(self, weight, scales))
         return int8_linear(x, weight, scales, self.bias)
 
     def stream_plan(self) -> "decode.StreamPlan | None":
