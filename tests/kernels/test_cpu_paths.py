@@ -231,3 +231,17 @@ def test_one_thread_limit_follows_the_openmp_wait_policy():
     # Sleeping workers (PASSIVE) cost a wake-up per call; spinning ones (the default) do not.
     assert native.single_thread_work_bytes("passive") == native.single_thread_work_bytes(" PASSIVE ") == 4 * 2**20
     assert native.single_thread_work_bytes("") == native.single_thread_work_bytes("ACTIVE") == 256 * 2**10
+
+
+@needs_native
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_single_row_kernels_cross_many_panels_and_row_blocks(layout, threads, monkeypatch):
+    # One activation row has its own blocking: 64 KiB panels for rowaxpy (here 31 rows of 2100
+    # bytes, so every thread crosses many) and 8 weight rows at a time for rowdot (1203 leaves a tail).
+    monkeypatch.setattr(native, "threads_for", lambda work_bytes: threads)
+    qweight, scales = int8_weight(1203, 2100, layout)
+    x = torch.randn(1, 1203)
+    grad = torch.randn(1, 2100)
+    assert relative_error(cpu.stream_forward(x, qweight, scales), float64_forward(x, qweight, scales)) < EXACT
+    assert relative_error(cpu.stream_grad_input(grad, qweight, scales), float64_grad_input(grad, qweight, scales)) < EXACT
