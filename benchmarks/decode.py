@@ -3,8 +3,8 @@
 Run: python benchmarks/decode.py [--layers N] [--new-tokens N] [--repeats N]
 
 Times ``generate`` (greedy, KV cache, batch 1) in one process, alternating the
-configurations round by round: eetq-lora's int8 model with a LoRA adapter (r=16, all-linear),
-and PEFT LoRA on the same model in float32 and in bfloat16. Prints tokens/s and the ratio of
+configurations round by round: eetq-lora's int8 model with a LoRA adapter (r=16, all-linear)
+in bfloat16 and in float16, and PEFT LoRA on the same model in float32 and in bfloat16. Prints tokens/s and the ratio of
 each peer's time per token to ours. Weights are random (no download); the decoding cost does not
 depend on them. OMP_WAIT_POLICY=PASSIVE is set before torch loads, as in the other benchmarks,
 unless the variable is already set (``OMP_WAIT_POLICY= python benchmarks/decode.py`` times
@@ -26,14 +26,15 @@ from transformers import LlamaForCausalLM
 
 import eetq_lora
 
-CONFIGS = ("eetq-bf16", "peft-bf16", "peft-fp32")
+CONFIGS = ("eetq-bf16", "eetq-fp16", "peft-bf16", "peft-fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build(name: str, layers: int) -> torch.nn.Module:
     torch.manual_seed(0)
     config = smollm2_config(layers)
     config.use_cache = True
-    model = LlamaForCausalLM(config).to(torch.float32 if name.endswith("fp32") else torch.bfloat16)
+    model = LlamaForCausalLM(config).to(DTYPES[name.rsplit("-", 1)[1]])
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     if name.startswith("eetq"):
         return eetq_lora.get_peft_model(eetq_lora.quantize_model(model), lora).eval()

@@ -30,17 +30,16 @@ def test_stream_kernels_match_float64(shape, layout, rows, dtype):
     grad = torch.randn(rows, shape[1]).to(dtype)
     y = cpu.stream_forward(x, qweight, scales)
     dx = cpu.stream_grad_input(grad, qweight, scales)
-    # float32 accumulation from exact inputs, whatever the activation dtype; a bfloat16 input gets
-    # its result back in bfloat16, rounded once at the end.
-    expected_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    budget = 2**-8 if dtype == torch.bfloat16 else EXACT
-    assert y.dtype == dx.dtype == expected_dtype
+    # float32 accumulation from exact inputs, whatever the activation dtype; a bfloat16 or float16
+    # input gets its result back in its own dtype, rounded once at the end.
+    budget = {torch.float32: EXACT, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    assert y.dtype == dx.dtype == dtype
     assert relative_error(y, float64_forward(x, qweight, scales)) < budget
     assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < budget
-    if dtype == torch.bfloat16 and rows:
+    if dtype != torch.float32 and rows:
         # Exactly the float32 kernel's result, rounded once.
-        exact = cpu.stream_forward(x.float(), qweight, scales)
-        assert torch.equal(y, exact.bfloat16())
+        assert torch.equal(y, cpu.stream_forward(x.float(), qweight, scales).to(dtype))
+        assert torch.equal(dx, cpu.stream_grad_input(grad.float(), qweight, scales).to(dtype))
 
 
 @needs_native
@@ -246,3 +245,24 @@ def test_single_row_kernels_cross_many_panels_and_row_blocks(layout, threads, mo
     assert relative_error(cpu.stream_forward(x, qweight, scales), float64_forward(x, qweight, scales)) < EXACT
     expected_grad = float64_grad_input(grad, qweight, scales)
     assert relative_error(cpu.stream_grad_input(grad, qweight, scales), expected_grad) < EXACT
+
+
+@needs_native
+def test_float16_results_round_like_torch_through_subnormals_and_overflow():
+    # A diagonal weight makes each output one product a[c] * q[c, c] * scale[c], computed in float32
+    # like torch does; its rounding to float16 must match torch's for subnormal, normal, tied and
+    # overflowing (to infinity) results alike.
+    n = 4096
+    generator = torch.Generator().manual_seed(0)
+    exponents = torch.randint(-20, 12, (n,), generator=generator).double()
+    a = (torch.randn(n, generator=generator, dtype=torch.float64) * 2**exponents).half()
+    q = torch.diag(torch.randint(-128, 128, (n,), dtype=torch.int8, generator=generator))
+    scales = torch.rand(n, generator=generator, dtype=torch.float64) * 2 ** torch.randint(-24, 8, (n,)).double()
+    scales = scales.half()
+    out = native.stream(a[None], q, scales, "rowaxpy", False)[0]
+    expected = (a.float() * q.diagonal().float() * scales.float()).half()
+    assert out.dtype == torch.float16
+    assert torch.equal(out.isinf(), expected.isinf()) and expected.isinf().any()
+    finite = ~expected.isinf()
+    assert ((expected.abs() < 2**-14) & (expected != 0)).any()  # subnormal results occur
+    assert torch.equal(out[finite], expected[finite])

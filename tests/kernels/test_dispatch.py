@@ -172,7 +172,7 @@ def test_decode_step_leaves_other_cases_to_the_dispatcher(monkeypatch):
     general = kernels.matmul_forward
     monkeypatch.setattr(kernels, "matmul_forward", lambda *args: calls.append(1) or general(*args))
     with torch.no_grad():
-        kernels.int8_linear(torch.randn(2, 96).half(), qweight, scales, None)  # float16
+        kernels.int8_linear(torch.randn(96, 2).t(), qweight, scales, None)  # non-contiguous activation
         kernels.int8_linear(torch.randn(8, 96), qweight, scales, None)  # M past the decode rows
         kernels.int8_linear(torch.randn(2, 96), qweight.t().contiguous().t(), scales, None)  # [out, in] storage
         monkeypatch.setenv("EETQ_LORA_KERNELS", "reference")
@@ -181,7 +181,7 @@ def test_decode_step_leaves_other_cases_to_the_dispatcher(monkeypatch):
 
 
 @pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_step_backward_agrees_with_the_general_gradient(monkeypatch, dtype):
     qweight, scales = int8_weight(96, 80)
     x = torch.randn(2, 96).to(dtype).requires_grad_()

@@ -4,7 +4,7 @@ Kept as a Python string so that every install (wheel, sdist, editable) carries i
 package-data configuration.
 """
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 SOURCE = r"""
 /* eetq_lora CPU kernels. q is an int8 matrix [R, C] with unit column stride and row stride ldq;
@@ -38,7 +38,7 @@ typedef float vf __attribute__((vector_size(64)));
 #define ROW_PREFETCH 2048
 #endif
 
-int eetq_abi_version(void) { return 5; }
+int eetq_abi_version(void) { return 6; }
 
 #if defined(EETQ_AVX512) && defined(__AVX512BF16__)
 #define EETQ_BF16_DOT 1
@@ -357,7 +357,46 @@ static float f16_to_float(uint16_t h) {
     return f;
 }
 
-static float round_bf16(float f) { return bf16_to_float(bf16_scalar(f)); }
+/* Round-to-nearest-even float32 -> float16 bits: overflow to infinity, subnormal results, NaN kept. */
+static uint16_t f16_scalar(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t magnitude = u & 0x7FFFFFFFu;
+    if (magnitude > 0x7F800000u) return sign | 0x7E00u;
+    if (magnitude >= 0x477FF000u) return sign | 0x7C00u; /* 65520 and up round to infinity */
+    if (magnitude >= 0x38800000u) {                      /* a normal float16 */
+        magnitude += 0xFFFu + ((magnitude >> 13) & 1u);
+        return sign | (uint16_t)((magnitude >> 13) - (112u << 10));
+    }
+    /* Subnormal or zero: the multiple of 2^-24, rounded to nearest even by adding 2^23 in float. */
+    float scaled;
+    memcpy(&scaled, &magnitude, 4);
+    volatile float shifted = scaled * 16777216.0f + 8388608.0f;
+    return sign | (uint16_t)(shifted - 8388608.0f);
+}
+
+/* n float16 values -> float32 (exact). */
+static void f16_to_float_n(const uint16_t* src, float* dst, int64_t n) {
+    int64_t i = 0;
+#if defined(EETQ_AVX512)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = f16_to_float(src[i]);
+}
+
+/* Activation and result formats of eetq_stream. */
+enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_F16 = 2 };
+
+/* v rounded to the format (the identity for float32). */
+static float round_to(int format, float v) {
+    if (format == FORMAT_BF16) return bf16_to_float(bf16_scalar(v));
+    if (format == FORMAT_F16) return f16_to_float(f16_scalar(v));
+    return v;
+}
 
 /* sum_i x[i] * y[i], 16 lanes at a time (the LoRA adapter's small dot products). */
 INLINE float dot_f(const float* x, const float* y, int64_t n) {
@@ -385,33 +424,39 @@ INLINE void lora_hidden(int JB, const float* a, const float* lora_a, int64_t K, 
     }
 }
 
-/* One call for a small-M matmul straight from the layer's tensors: activations a [M, K] in float32
-   (a_bf16 == 0) or bfloat16 bits, float16 scales, result in float32 or bfloat16 (out_bf16, rounded
-   to nearest even). rowaxpy (kernel == 1) or rowdot (0) over q [R, C]; the scale applies to q's
-   rows (scale_on_rows) or columns. The conversions are exact, so the base result equals the
-   float32 kernels' on the converted operands, rounded once.
+/* One call for a small-M matmul straight from the layer's tensors: activations a [M, K] in
+   a_format (float32, bfloat16 or float16 bits), float16 scales, result in out_format (rounded to
+   nearest even). rowaxpy (kernel == 1) or rowdot (0) over q [R, C]; the scale applies to q's rows
+   (scale_on_rows) or columns. The conversions are exact, so the base result equals the float32
+   kernels' on the converted operands, rounded once.
    With lora_a [rank, K] and lora_b [N, rank] (float32), it also adds a LoRA adapter the way PEFT's
    layer does in the result dtype: out = r(r(base) + r(r(a @ A^T @ B^T) * scaling)), r rounding to
    the result dtype (the identity for float32). Returns 0, -1 if out of memory. */
-int eetq_stream(int kernel, const void* a, int a_bf16, int64_t M, int64_t lda, const int8_t* q, int64_t R, int64_t C,
-                int64_t ldq, const uint16_t* scale_f16, int scale_on_rows, void* out, int out_bf16, int64_t ldo,
-                const float* lora_a, int64_t rank, const float* lora_b, float scaling, int nthreads) {
+int eetq_stream(int kernel, const void* a, int a_format, int64_t M, int64_t lda, const int8_t* q, int64_t R,
+                int64_t C, int64_t ldq, const uint16_t* scale_f16, int scale_on_rows, void* out, int out_format,
+                int64_t ldo, const float* lora_a, int64_t rank, const float* lora_b, float scaling, int nthreads) {
     int64_t K = kernel ? R : C, N = kernel ? C : R, S = scale_on_rows ? R : C;
     float* a32 = NULL;
     float* hidden = NULL;
-    float* out32 = out_bf16 ? (float*)malloc(sizeof(float) * (size_t)(M * N > 0 ? M * N : 1)) : (float*)out;
+    int narrow_out = out_format != FORMAT_F32;
+    float* out32 = narrow_out ? (float*)malloc(sizeof(float) * (size_t)(M * N > 0 ? M * N : 1)) : (float*)out;
     float* scale = (float*)malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
     int status = -1;
-    if ((out_bf16 && !out32) || !scale) goto done;
-    for (int64_t i = 0; i < S; i++) scale[i] = f16_to_float(scale_f16[i]);
-    if (a_bf16) {
+    if ((narrow_out && !out32) || !scale) goto done;
+    f16_to_float_n(scale_f16, scale, S);
+    if (a_format != FORMAT_F32) {
         a32 = (float*)malloc(sizeof(float) * (size_t)(M * K > 0 ? M * K : 1));
         if (!a32) goto done;
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t k = 0; k < K; k++) a32[m * K + k] = bf16_to_float(((const uint16_t*)a)[m * lda + k]);
+        for (int64_t m = 0; m < M; m++) {
+            const uint16_t* row = (const uint16_t*)a + m * lda;
+            if (a_format == FORMAT_F16)
+                f16_to_float_n(row, a32 + m * K, K);
+            else
+                for (int64_t k = 0; k < K; k++) a32[m * K + k] = bf16_to_float(row[k]);
+        }
     }
-    const float* av = a_bf16 ? a32 : (const float*)a;
-    int64_t la = a_bf16 ? K : lda, lo = out_bf16 ? N : ldo;
+    const float* av = a32 ? a32 : (const float*)a;
+    int64_t la = a32 ? K : lda, lo = narrow_out ? N : ldo;
     const float* rs = scale_on_rows ? scale : NULL;
     const float* cs = scale_on_rows ? NULL : scale;
     status = kernel ? eetq_rowaxpy(av, M, la, q, R, C, ldq, rs, cs, out32, lo, nthreads)
@@ -434,13 +479,13 @@ int eetq_stream(int kernel, const void* a, int a_bf16, int64_t M, int64_t lda, c
             float v = out32[m * lo + n];
             if (hidden) {
                 float t = dot_f(hidden + m * rank, lora_b + n * rank, rank);
-                if (out_bf16)
-                    v = round_bf16(round_bf16(v) + round_bf16(round_bf16(t) * scaling));
-                else
-                    v = v + t * scaling;
+                v = round_to(out_format, round_to(out_format, v) +
+                                             round_to(out_format, round_to(out_format, t) * scaling));
             }
-            if (out_bf16)
+            if (out_format == FORMAT_BF16)
                 ((uint16_t*)out)[m * ldo + n] = bf16_scalar(v);
+            else if (out_format == FORMAT_F16)
+                ((uint16_t*)out)[m * ldo + n] = f16_scalar(v);
             else
                 out32[m * lo + n] = v;
         }
@@ -448,7 +493,7 @@ done:
     free(a32);
     free(hidden);
     free(scale);
-    if (out_bf16) free(out32);
+    if (narrow_out) free(out32);
     return status;
 }
 

@@ -56,9 +56,9 @@ def _float32_rows(a: torch.Tensor) -> torch.Tensor:
 
 
 def _direct(a: torch.Tensor, scales: torch.Tensor) -> bool:
-    # The one-call kernel entry takes float32/bfloat16 rows and float16 scales as they are.
+    # The one-call kernel entry takes float32/bfloat16/float16 rows and float16 scales as they are.
     return (
-        a.dtype in (torch.float32, torch.bfloat16)
+        a.dtype in native.STREAM_FORMATS
         and scales.dtype == torch.float16
         and scales.is_contiguous()
         and _is_row_major(a)

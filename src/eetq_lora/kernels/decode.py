@@ -11,9 +11,10 @@ checks its activation. The cache is keyed by the weight and scale tensors and th
 pointers (held weakly), so replacing either (``layer.weight = ...``, ``.data = ...``, ``.to()``)
 rebuilds it.
 
-The kernel is ``eetq_stream`` in float32 arithmetic from exact activations: the path
-``select_path`` picks for CPU activations below ``cpu.BF16_DOT_MIN_ROWS`` rows. Training steps
-with that few rows take it too, for the forward and the input gradient.
+The kernel is ``eetq_stream`` in float32 arithmetic from exact float32, bfloat16 or float16
+activations, its result rounded once to their dtype: the path ``select_path`` picks for CPU
+activations below ``cpu.BF16_DOT_MIN_ROWS`` rows. Training steps with that few rows take it too,
+for the forward and the input gradient.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _rows(a: torch.Tensor, features: int) -> int:
     if not a.is_cpu or not a.ndim or a.shape[-1] != features or not a.is_contiguous():
         return 0
     dtype = a.dtype
-    if dtype is not _BFLOAT16 and dtype is not _FLOAT32:
+    if dtype is not _BFLOAT16 and dtype is not _FLOAT32 and dtype is not _FLOAT16:
         return 0
     rows = a.numel() // features if features else 0
     return rows if 0 < rows <= MAX_ROWS else 0
@@ -161,15 +162,16 @@ def grad_input(plan: StreamPlan, grad: torch.Tensor) -> torch.Tensor | None:
 
 
 def _call(plan: StreamPlan, rowaxpy: int, a: torch.Tensor, rows: int, width: int, lora) -> torch.Tensor:
-    bf16 = int(a.dtype is _BFLOAT16)
+    dtype = a.dtype
+    data_format = 0 if dtype is _FLOAT32 else 1 if dtype is _BFLOAT16 else 2  # native.STREAM_FORMATS
     shape = list(a.shape)
     shape[-1] = width
-    out = torch.empty(shape, dtype=a.dtype)
+    out = torch.empty(shape, dtype=dtype)
     lora_a, lora_b, scaling = lora if lora is not None else (None, None, 0.0)
     status = plan.kernel(
         rowaxpy,
         a.data_ptr(),
-        bf16,
+        data_format,
         rows,
         a.shape[-1],
         plan.weight_ptr,
@@ -179,7 +181,7 @@ def _call(plan: StreamPlan, rowaxpy: int, a: torch.Tensor, rows: int, width: int
         plan.scales_ptr,
         0,
         out.data_ptr(),
-        bf16,
+        data_format,
         width,
         None if lora_a is None else lora_a.data_ptr(),
         0 if lora_a is None else lora_a.shape[0],

@@ -47,7 +47,7 @@ _SIGNATURES = {
     "eetq_dequant": ([_P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT, _INT], None),
     "eetq_has_bf16_dot": ([], _INT),
     "eetq_stream": (
-        # kernel, a, a_bf16, M, lda, q, R, C, ldq, scales, scale_on_rows, out, out_bf16, ldo,
+        # kernel, a, a_format, M, lda, q, R, C, ldq, scales, scale_on_rows, out, out_format, ldo,
         # lora_a, rank, lora_b, scaling, nthreads
         [_INT, _P, _INT, _I64, _I64, _P, _I64, _I64, _I64, _P, _INT, _P, _INT, _I64, _P, _I64, _P, _FLOAT, _INT],
         _INT,
@@ -305,6 +305,10 @@ def dequantize_into(
     )
 
 
+# eetq_stream's activation and result formats.
+STREAM_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def stream(
     a: torch.Tensor,
     q: torch.Tensor,
@@ -314,17 +318,18 @@ def stream(
 ) -> torch.Tensor:
     """``rowaxpy`` or ``rowdot`` straight from a layer's tensors, result in ``a``'s dtype.
 
-    ``a`` is float32 or bfloat16 with unit column stride, ``scales`` float16 (contiguous): the
-    kernel converts both exactly and rounds the result once; see ``eetq_stream`` in the C source.
+    ``a`` is float32, bfloat16 or float16 with unit column stride, ``scales`` float16 (contiguous):
+    the kernel converts both exactly and rounds the result once; see ``eetq_stream`` in the C source.
     (``decode.py`` calls the same kernel with a fused LoRA adapter.)
     """
     lib = library()
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
     out = torch.empty(m, c if kernel == "rowaxpy" else r, dtype=a.dtype)
+    a_format = STREAM_FORMATS[a.dtype]
     status_code = lib.eetq_stream(
         int(kernel == "rowaxpy"),
         a.data_ptr(),
-        int(a.dtype == torch.bfloat16),
+        a_format,
         m,
         a.stride(0),
         q.data_ptr(),
@@ -334,7 +339,7 @@ def stream(
         scales.data_ptr(),
         int(scale_on_rows),
         out.data_ptr(),
-        int(a.dtype == torch.bfloat16),
+        a_format,
         out.stride(0),
         None,
         0,
