@@ -7,7 +7,7 @@ import torch
 
 import eetq_lora.kernels as kernels
 from eetq_lora.kernels import matmul_forward, native
-from tests.kernels.helpers import float64_forward, int8_weight, relative_error
+from tests.kernels.helpers import float64_forward, float64_grad_input, int8_weight, relative_error
 
 
 @pytest.fixture
@@ -66,3 +66,53 @@ def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
     assert built[0].stat().st_mtime_ns == first_mtime
     assert native.library().eetq_has_openmp() in (0, 1)
     _forward_still_matches()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# The builds other CPUs get: plain C (no vector extensions, no OpenMP) and AVX2 with F16C.
+PORTABLE_BUILDS = [
+    pytest.param(("-O3",), id="plain-c"),
+    pytest.param(
+        ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"),
+        id="avx2",
+        marks=pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= _cpu_flags(), reason="CPU without AVX2/FMA/F16C"),
+    ),
+]
+
+
+@pytest.mark.skipif(native._find_compiler() is None, reason="no C compiler")
+@pytest.mark.parametrize("flags", PORTABLE_BUILDS)
+def test_portable_builds_compute_the_same_products(monkeypatch, fresh_native, flags):
+    # This machine builds with -march=native; the kernels' scalar and AVX2 branches are what other
+    # CPUs run, so they are built and checked here too.
+    from eetq_lora.kernels import cpu, decode
+
+    monkeypatch.setattr(native, "_FLAG_SETS", (flags,))
+    assert native.is_available() and not native.has_bf16_dot()
+    for layout in ("in_out", "out_in"):
+        qweight, scales = int8_weight(100, 37, layout)
+        for dtype, budget in ((torch.float32, 1e-5), (torch.bfloat16, 2**-8), (torch.float16, 2**-11)):
+            for rows in (1, 3, 8):
+                x, grad = torch.randn(rows, 100).to(dtype), torch.randn(rows, 37).to(dtype)
+                y = cpu.stream_forward(x, qweight, scales)
+                dx = cpu.stream_grad_input(grad, qweight, scales)
+                assert relative_error(y, float64_forward(x, qweight, scales)) < budget
+                assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < budget
+    qweight, scales = int8_weight(100, 37)
+    plan = decode.StreamPlan(qweight, scales)
+    lora_a, lora_b = torch.randn(5, 100) / 10, torch.randn(37, 5) / 10
+    x = torch.randn(1, 100).half()
+    with torch.no_grad():
+        out = decode.forward_with_adapter(plan, x, lora_a, lora_b, 2.0)
+    expected = float64_forward(x, qweight, scales) + x.double() @ lora_a.double().t() @ lora_b.double().t() * 2.0
+    assert out.dtype == torch.float16 and relative_error(out, expected) < 2**-10
