@@ -135,6 +135,12 @@ def module_bytes(module: torch.nn.Module, skip: tuple[str, ...] = ("lora_",)) ->
     return total
 
 
+def read_of(num_bytes: int) -> Callable[[], object]:
+    """A parallel float32 sum over a buffer of ``num_bytes``: the streaming read of that many bytes."""
+    buffer = torch.ones(max(1, num_bytes // 4))
+    return buffer.sum
+
+
 def dram_read_gbps(mebibytes: int = 512, repeats: int = 7) -> float:
     """Sustained read bandwidth: a parallel float32 sum over a buffer far larger than the caches."""
     buffer = torch.ones(mebibytes * MiB // 4)

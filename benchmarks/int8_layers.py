@@ -184,8 +184,12 @@ def time_cell(
     backward: bool,
     rounds: tuple[int, int],
     budget_s: float,
+    extra: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Median ms (and peak extra MiB of one call) of every implementation at this M, interleaved."""
+    """Median ms (and peak extra MiB of one call) of every implementation at this M, interleaved.
+
+    ``extra`` calls (a reference operation, say) are timed in the same rounds, after the same scrub.
+    """
     sample = next(iter(impls.values())).module
     in_features, out_features = sample.in_features, sample.out_features
     torch.manual_seed(1)
@@ -195,6 +199,7 @@ def time_cell(
         grad = torch.randn(rows, out_features).to(impl.dtype) if backward else None
         calls[name] = _call(impl, x, grad)
     peaks = {name: bench_utils.peak_extra_bytes(fn) / bench_utils.MiB for name, fn in calls.items()}
+    calls.update(extra or {})
     medians = bench_utils.interleaved_medians(
         calls, min_rounds=rounds[0], max_rounds=rounds[1], budget_s=budget_s, before_each=_SCRUB
     )
