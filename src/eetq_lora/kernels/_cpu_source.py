@@ -372,7 +372,7 @@ static uint16_t f16_scalar(float f) {
     /* Subnormal or zero: the multiple of 2^-24, rounded to nearest even by adding 2^23 in float. */
     float scaled;
     memcpy(&scaled, &magnitude, 4);
-    volatile float shifted = scaled * 16777216.0f + 8388608.0f;
+    float shifted = scaled * 16777216.0f + 8388608.0f;
     return sign | (uint16_t)(shifted - 8388608.0f);
 }
 
@@ -382,7 +382,7 @@ static void f16_to_float_n(const uint16_t* src, float* dst, int64_t n) {
 #if defined(EETQ_AVX512)
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + i))));
-#elif defined(__F16C__)
+#elif defined(EETQ_AVX2) && defined(__F16C__)
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
 #endif
     for (; i < n; i++) dst[i] = f16_to_float(src[i]);
