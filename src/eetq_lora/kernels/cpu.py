@@ -72,10 +72,12 @@ def _bf16_dot(rows: int, compute: torch.dtype) -> bool:
 def stream_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, compute: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``x [M, in] @ Wt`` with the compiled streaming kernels, in float32 or, for bfloat16 ``x``, bfloat16.
+    """``x [M, in] @ Wt`` with the compiled streaming kernels.
 
     Activations stay exact (float32 multiply-adds) unless ``compute`` is bfloat16 and M is at least
     ``BF16_DOT_MIN_ROWS``: then they are rounded to bfloat16 for the CPU's bfloat16 dot products.
+    The result is float32, or ``x``'s own dtype (rounded once) for row-major bfloat16 or float16
+    ``x`` with float16 scales, which the one-call entry takes as they are.
     """
     q, rows_are_outputs = weight_rows(qweight)
     if _direct(x, scales) and not _bf16_dot(x.shape[0], compute):
