@@ -143,9 +143,8 @@ def read_of(num_bytes: int) -> Callable[[], object]:
 
 def dram_read_gbps(mebibytes: int = 512, repeats: int = 7) -> float:
     """Sustained read bandwidth: a parallel float32 sum over a buffer far larger than the caches."""
-    buffer = torch.ones(mebibytes * MiB // 4)
-    seconds = interleaved_medians({"sum": lambda: buffer.sum()}, min_rounds=repeats, max_rounds=repeats, budget_s=0)
-    return buffer.numel() * 4 / seconds["sum"] / 1e9
+    seconds = interleaved_medians({"sum": read_of(mebibytes * MiB)}, min_rounds=repeats, max_rounds=repeats, budget_s=0)
+    return mebibytes * MiB / seconds["sum"] / 1e9
 
 
 def gemm_peaks(n: int = 2048, m: int = 512) -> dict[str, float]:

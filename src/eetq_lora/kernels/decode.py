@@ -29,7 +29,8 @@ from . import native
 # Rows the one-call path takes: below this the dispatcher streams from exact activations too.
 MAX_ROWS = 3
 _PLAN_ATTRIBUTE = "_eetq_stream_plan"
-_FLOAT32, _BFLOAT16, _FLOAT16 = torch.float32, torch.bfloat16, torch.float16
+_FLOAT32, _FLOAT16 = torch.float32, torch.float16
+_STREAM_FORMATS = native.STREAM_FORMATS
 
 # os.environ.get costs four Python frames; the mapping behind os.environ is read directly when the
 # variable is absent (the usual case) and through os.environ otherwise.
@@ -110,8 +111,7 @@ def _rows(a: torch.Tensor, features: int) -> int:
     # dtype or width, a non-contiguous layout, or too many rows.
     if not a.is_cpu or not a.ndim or a.shape[-1] != features or not a.is_contiguous():
         return 0
-    dtype = a.dtype
-    if dtype is not _BFLOAT16 and dtype is not _FLOAT32 and dtype is not _FLOAT16:
+    if a.dtype not in _STREAM_FORMATS:
         return 0
     rows = a.numel() // features if features else 0
     return rows if 0 < rows <= MAX_ROWS else 0
@@ -163,7 +163,7 @@ def grad_input(plan: StreamPlan, grad: torch.Tensor) -> torch.Tensor | None:
 
 def _call(plan: StreamPlan, rowaxpy: int, a: torch.Tensor, rows: int, width: int, lora) -> torch.Tensor:
     dtype = a.dtype
-    data_format = 0 if dtype is _FLOAT32 else 1 if dtype is _BFLOAT16 else 2  # native.STREAM_FORMATS
+    data_format = _STREAM_FORMATS[dtype]
     shape = list(a.shape)
     shape[-1] = width
     out = torch.empty(shape, dtype=dtype)

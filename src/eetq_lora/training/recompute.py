@@ -5,8 +5,8 @@ but what two cheap ops leave for autograd: RMSNorm keeps a float32 copy of every
 (twice per layer), and the gated MLP keeps ``act(gate)`` next to ``gate``, ``up`` and their
 product. ``recompute_cheap_ops`` makes those ops save only their inputs and redo the elementwise
 work during backward (non-reentrant ``torch.utils.checkpoint``): on a SmolLM2-shaped LoRA step,
-about a quarter less activation memory for about 3% more step time. The recomputation runs the very same operations, so
-outputs and gradients are unchanged.
+about a quarter less activation memory for about 3% more step time. The recomputation runs the
+very same operations, so outputs and gradients are unchanged.
 
 It patches the forward of module instances (never transformers' classes), only for the classes
 below, whose forwards it knows.
