@@ -199,3 +199,29 @@ def test_decode_calls_split_over_threads_agree_with_float64(monkeypatch):
     assert relative_error(out, float64_forward(x, module.weight, module.weight_scales)) < 1e-5
     expected_grad = float64_grad_input(grad, module.weight, module.weight_scales)
     assert relative_error(grad_in, expected_grad) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_backward_after_the_weight_storage_is_freed_and_gathered_again(rows):
+    # What FSDP2 does between a block's forward and backward: the gathered weight's storage is
+    # freed (resized to 0) and later refilled, in new memory, with the same bytes. A kernel that
+    # kept the forward's pointer would read whatever the allocator put there meanwhile.
+    module = layer(256, 192, seed=4).train()
+    x = torch.randn(rows, 256, requires_grad=True)
+    grad_out = torch.randn(rows, 192)
+    expected = float64_grad_input(grad_out, module.weight, module.weight_scales)
+    out = module(x)
+    saved = module.weight.detach().clone()
+    storage = module.weight.untyped_storage()
+    old_pointer = module.weight.data_ptr()
+    storage.resize_(0)
+    filler = []  # takes over the freed bytes, so the refilled weight lands elsewhere
+    while len(filler) < 64 and (not filler or filler[-1].data_ptr() != old_pointer):
+        filler.append(torch.full((256, 192), 127, dtype=torch.int8))
+    storage.resize_(saved.numel())
+    # Refilled through another tensor on the same storage, as FSDP2's all-gather writes it: the
+    # weight's own version counter is untouched, so autograd does not object.
+    torch.empty(0, dtype=torch.int8).set_(storage, 0, saved.shape, saved.stride()).copy_(saved)
+    assert module.weight.data_ptr() != old_pointer
+    out.backward(grad_out)
+    assert relative_error(x.grad, expected) < 1e-6

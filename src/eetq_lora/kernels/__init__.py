@@ -187,7 +187,13 @@ class _Int8LinearFunction(torch.autograd.Function):
         qweight, scales = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        grad_x = decode.grad_input(ctx.plan, grad_out) if ctx.plan is not None else None
+        plan = ctx.plan
+        if plan is not None and not plan.matches(qweight, scales):
+            # The weight was freed and gathered again since the forward (FSDP2, ZeRO-3): the
+            # forward's plan points at memory that is no longer this weight.
+            plan = decode.StreamPlan(qweight, scales)
+            plan = plan if plan.usable else None
+        grad_x = decode.grad_input(plan, grad_out) if plan is not None else None
         if grad_x is None:
             grad_x = matmul_grad_input(grad_out, qweight, scales, ctx.compute)
         return grad_x, None, None, None, None

@@ -78,6 +78,22 @@ class StreamPlan:
         )
         self.kernel = native.library().eetq_stream if self.usable else None
 
+    def matches(self, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+        """Whether this plan still describes these tensors' memory: same objects, storage, shape and strides.
+
+        Sharding engines (FSDP2, ZeRO-3) free a layer's gathered weight after its forward and gather
+        it again, at another address, for the backward: a plan from the forward is stale there.
+        """
+        return (
+            self.weight() is qweight
+            and self.scales() is scales
+            and qweight.data_ptr() == self.weight_ptr
+            and scales.data_ptr() == self.scales_ptr
+            and qweight.shape == (self.in_features, self.out_features)
+            and qweight.stride() == (self.out_features, 1)
+            and scales.shape == (self.out_features,)
+        )
+
     def __reduce__(self):
         # A copied or pickled layer rebuilds its own plan: this one points at the original's memory.
         return (_no_plan, ())
@@ -90,11 +106,8 @@ def _no_plan() -> None:
 def layer_plan(layer: torch.nn.Module, qweight: torch.Tensor, scales: torch.Tensor) -> StreamPlan | None:
     """``layer``'s cached plan for these weight and scale tensors (rebuilt when they change); None if unusable."""
     plan = layer.__dict__.get(_PLAN_ATTRIBUTE)
-    if (
-        plan is None
-        or plan.weight() is not qweight
-        or plan.scales() is not scales
-        or (plan.usable and (qweight.data_ptr() != plan.weight_ptr or scales.data_ptr() != plan.scales_ptr))
+    if plan is None or not (
+        plan.matches(qweight, scales) if plan.usable else (plan.weight() is qweight and plan.scales() is scales)
     ):
         plan = StreamPlan(qweight, scales)
         layer.__dict__[_PLAN_ATTRIBUTE] = plan
