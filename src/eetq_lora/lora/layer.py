@@ -83,10 +83,27 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
 
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
-        # base_layer is the PEFT-wide name; quant_linear_module is kept for backward compatibility.
-        self.quant_linear_module = base_layer
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    @property
+    def quant_linear_module(self) -> torch.nn.Module:
+        """The base layer under its older name, kept for backward compatibility.
+
+        An attribute, not a second registered submodule: registered twice, every base tensor
+        would appear twice in state dicts, which sharded checkpointing (DCP) and PEFT's base-model
+        state-dict helpers reject.
+        """
+        return self.base_layer
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # State dicts written while the alias was a registered submodule (PEFT's own EETQ layer
+        # does that) hold each base tensor under both names: read the alias as base_layer.
+        alias, canonical = prefix + "quant_linear_module.", prefix + "base_layer."
+        for key in [key for key in state_dict if key.startswith(alias)]:
+            value = state_dict.pop(key)
+            state_dict.setdefault(canonical + key[len(alias) :], value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
         # Also reached directly by PEFT when a second adapter is added to an already wrapped layer.
@@ -164,7 +181,7 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
                 return out
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
-        result = self.quant_linear_module(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
         if adapter_names is not None:
