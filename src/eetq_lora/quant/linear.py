@@ -125,8 +125,12 @@ class EetqLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         key = prefix + "weight"
         weight = self.weight
+        if not _holds_whole_weight(weight, self.in_features, self.out_features):
+            # A sharded (DTensor) or partitioned (ZeRO-3) weight is saved as it is, in the plain
+            # layout: the EETQ layouts permute across rows that may live on other ranks.
+            return
         layout = resolve_layout(self.checkpoint_layout, *weight.shape)
-        if layout == "plain" or weight.device.type == "meta":
+        if layout == "plain":
             return
         # Packed even with keep_vars=True: the state dict is the checkpoint format.
         destination[key] = self._packed_weight(destination, key, layout, prefix)
@@ -163,7 +167,7 @@ class EetqLinear(nn.Module):
             if problems:
                 error_msgs.extend(problems)
                 return
-            if weight.device.type != "meta":
+            if _holds_whole_weight(weight, self.in_features, self.out_features):
                 layout = resolve_layout(self.checkpoint_layout, *weight.shape)
                 # Module.load_state_dict hands modules its own shallow copy of the caller's dict,
                 # so replacing the entry here leaves the caller's tensors untouched.
@@ -195,6 +199,16 @@ class EetqLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def _holds_whole_weight(weight: torch.Tensor, in_features: int, out_features: int) -> bool:
+    """Whether ``weight`` is the layer's whole int8 matrix in local memory, the only form the EETQ
+    layouts apply to; a DTensor shard, a ZeRO-3 partition or a meta tensor is kept plain."""
+    return (
+        type(weight) in (torch.Tensor, nn.Parameter)
+        and weight.device.type != "meta"
+        and tuple(weight.shape) == (in_features, out_features)
+    )
 
 
 def _describe(value) -> str:
