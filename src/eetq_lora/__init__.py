@@ -18,6 +18,7 @@ from .lora import (
     load_adapter,
     register_eetq,
 )
+from .parallel import local_int8_bytes, shard_model
 from .quant import EetqLinear, dequantize_weight, quantize_model, quantize_weight, set_checkpoint_layout
 
 enable_transformers()
@@ -38,10 +39,12 @@ __all__ = [
     "get_peft_model",
     "is_eetq_available",
     "load_adapter",
+    "local_int8_bytes",
     "mark_eetq_quantized",
     "quantize_model",
     "quantize_weight",
     "register_eetq",
     "set_checkpoint_layout",
     "set_compute_dtype",
+    "shard_model",
 ]

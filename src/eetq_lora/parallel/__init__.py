@@ -1,0 +1,23 @@
+"""Scale-out: the int8 base sharded by the field's engines (FSDP2, ZeRO-3) with exact LoRA gradients."""
+
+from .fsdp import (
+    ShardingError,
+    check_shardable,
+    decoder_layers,
+    explain_fsdp1_refusal,
+    local_int8_bytes,
+    shard_model,
+    unwrap_model,
+)
+
+explain_fsdp1_refusal()
+
+__all__ = [
+    "ShardingError",
+    "check_shardable",
+    "decoder_layers",
+    "explain_fsdp1_refusal",
+    "local_int8_bytes",
+    "shard_model",
+    "unwrap_model",
+]
