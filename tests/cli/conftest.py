@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,10 +124,33 @@ def qa_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def _built_kernels(tmp_path_factory) -> Path | None:
+    """The compiled CPU kernels, built once for the session into a folder of their own."""
+    from eetq_lora.kernels import native
+
+    compiler = native._find_compiler()
+    if compiler is None:
+        return None
+    cache = tmp_path_factory.mktemp("kernel-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EETQ_LORA_CACHE", str(cache))
+        try:
+            native._build(compiler)
+        except Exception:  # noqa: BLE001 - without kernels the tests run the pure-torch paths
+            return None
+    return cache / "kernels"
+
+
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Keep model conversions of a test out of the user's cache."""
-    monkeypatch.setenv("EETQ_LORA_CACHE", str(tmp_path / "cache"))
+def _private_cache(tmp_path_factory, monkeypatch, _built_kernels):
+    """Keep model conversions of a test out of the user's cache. The session's compiled kernels are
+    copied in, so that each child process does not compile them again."""
+    cache = tmp_path_factory.mktemp("cache")
+    if _built_kernels is not None:
+        shutil.copytree(_built_kernels, cache / "kernels", dirs_exist_ok=True)
+        os.chmod(cache / "kernels", 0o700)
+    monkeypatch.setenv("EETQ_LORA_CACHE", str(cache))
 
 
 def tiny_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

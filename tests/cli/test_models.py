@@ -63,7 +63,7 @@ def test_gguf_without_the_gguf_package_names_the_pip_command(monkeypatch, tmp_pa
     hide_package(monkeypatch, "gguf")
     with pytest.raises(MissingPackageError, match="pip install 'gguf>="):
         gguf_to_folder(model_file)
-    assert not cache_dir().exists()
+    assert not (cache_dir() / "models").exists()
 
 
 def test_bad_model_paths_are_refused_before_loading(tmp_path):

@@ -1,5 +1,8 @@
 """Building the CPU kernels: cache reuse, and a clean fallback with one warning where it cannot work."""
 
+import os
+import stat
+import subprocess
 import warnings
 
 import pytest
@@ -13,7 +16,7 @@ from tests.kernels.helpers import float64_forward, float64_grad_input, int8_weig
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """An empty kernel cache and no loaded library; the real one is reloaded afterwards."""
-    monkeypatch.setenv("EETQ_LORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EETQ_LORA_CACHE", str(tmp_path))
     native._reset_for_tests()
     yield tmp_path
     native._reset_for_tests()
@@ -57,7 +60,7 @@ def test_environment_disables_without_warning(monkeypatch, fresh_native):
 @pytest.mark.skipif(native._find_compiler() is None, reason="no C compiler")
 def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
     assert native.is_available()
-    built = list(fresh_native.glob("eetq_cpu_*.so"))
+    built = list((fresh_native / "kernels").glob("eetq_cpu_*.so"))
     assert len(built) == 1
     first_mtime = built[0].stat().st_mtime_ns
     native._reset_for_tests()
@@ -65,6 +68,63 @@ def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
     assert native.status()["path"] == str(built[0])
     assert built[0].stat().st_mtime_ns == first_mtime
     assert native.library().eetq_has_openmp() in (0, 1)
+    _forward_still_matches()
+
+
+def _plant_library(path, marker) -> None:
+    # What an attacker would leave: a library whose constructor runs as soon as it is loaded.
+    source = path.with_suffix(".c")
+    source.write_text(
+        f"#include <stdio.h>\n__attribute__((constructor)) static void planted(void) {{"
+        f' FILE* f = fopen("{marker}", "w"); if (f) fclose(f); }}\n'
+    )
+    subprocess.run([native._find_compiler(), "-shared", "-fPIC", str(source), "-o", str(path)], check=True)
+
+
+needs_compiler = pytest.mark.skipif(native._find_compiler() is None, reason="no C compiler")
+OTHER_USER = 54321
+
+
+@needs_compiler
+def test_kernel_folder_is_created_private(fresh_native):
+    assert native.is_available()
+    assert stat.S_IMODE(os.stat(fresh_native / "kernels").st_mode) == 0o700
+
+
+@needs_compiler
+def test_a_library_planted_in_the_shared_fallback_folder_is_never_loaded(monkeypatch, fresh_native):
+    # The cache folder cannot be created (a file is in the way), so the per-user temp folder is
+    # tried, which someone else created first and filled with a library of the expected name.
+    blocker = fresh_native / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("EETQ_LORA_CACHE", str(blocker))
+    shared_tmp = fresh_native / "tmp"
+    shared_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(shared_tmp))
+    monkeypatch.setattr(native.tempfile, "tempdir", None)
+    planted_folder = native.fallback_cache_dir() / "kernels"
+    planted_folder.mkdir(parents=True)
+    marker = fresh_native / "planted-code-ran"
+    _plant_library(planted_folder / f"eetq_cpu_{native._build_digest(native._find_compiler())}.so", marker)
+    for folder in (planted_folder, planted_folder.parent):
+        os.chmod(folder, 0o777)
+        if os.getuid() == 0:
+            os.chown(folder, OTHER_USER, OTHER_USER)
+    with pytest.warns(RuntimeWarning, match="refusing to build or load compiled kernels") as record:
+        assert native.library() is None
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert not marker.exists()
+    _forward_still_matches()
+
+
+@needs_compiler
+def test_a_library_others_can_write_is_refused(fresh_native):
+    assert native.is_available()
+    (library,) = (fresh_native / "kernels").glob("eetq_cpu_*.so")
+    os.chmod(library, 0o666)
+    native._reset_for_tests()
+    with pytest.warns(RuntimeWarning, match="writable by other users"):
+        assert native.library() is None
     _forward_still_matches()
 
 

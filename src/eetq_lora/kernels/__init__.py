@@ -199,6 +199,27 @@ class _Int8LinearFunction(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def _check_weight(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    # The layer's own tensors, before any path reads them: a kernel given another device's memory
+    # (a meta weight never loaded, say) or too few scales would read out of bounds.
+    for name, tensor in (("weight", qweight), ("weight_scales", scales), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            hint = "load its weights first" if tensor.device.type == "meta" else "move the layer with model.to(device)"
+            raise ValueError(f"EetqLinear's {name} is on {tensor.device} but its input is on {x.device}; {hint}")
+    out_features = qweight.shape[1]
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(
+            f"EetqLinear's weight must be a 2-D int8 matrix [in, out], got {qweight.dtype} {list(qweight.shape)}"
+        )
+    if scales.dim() != 1 or scales.shape[0] != out_features or not scales.is_floating_point():
+        raise ValueError(
+            f"EetqLinear's weight_scales must hold one float value per output channel ({out_features}), "
+            f"got {scales.dtype} of shape {list(scales.shape)}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+        raise ValueError(f"EetqLinear's bias must have {out_features} values, got shape {list(bias.shape)}")
+
+
 def int8_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -222,6 +243,7 @@ def int8_linear(
     if not torch.is_floating_point(x) or x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"EetqLinear expects float16, bfloat16 or float32 input, got {x.dtype}")
     in_features, out_features = qweight.shape
+    _check_weight(x, qweight, scales, bias)
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(
             f"EetqLinear expects input whose last dimension is in_features={in_features}, got shape {tuple(x.shape)}"

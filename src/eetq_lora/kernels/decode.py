@@ -149,12 +149,14 @@ def forward_with_adapter(
     """``x @ Wt + lora_b(lora_a(x)) * scaling`` with PEFT's roundings (adapter in float32, its output
     cast to ``x``'s dtype, scaled, then added), or None where this path does not apply.
 
-    The adapter must be bias-free contiguous float32 ``A [rank, in]`` and ``B [out, rank]``, and
+    The adapter must be bias-free contiguous float32 CPU ``A [rank, in]`` and ``B [out, rank]``, and
     nothing may need a gradient: this path has no backward.
     """
     if (
         lora_a.dtype is not _FLOAT32
         or lora_b.dtype is not _FLOAT32
+        or not lora_a.is_cpu
+        or not lora_b.is_cpu
         or not lora_a.is_contiguous()
         or not lora_b.is_contiguous()
         or (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad))

@@ -2,10 +2,14 @@
 
 The C source (``_cpu_source.py``) is built once per machine with the system C compiler (``$CC``,
 else ``cc``, ``gcc`` or ``clang``), tuned for the host CPU (``-march=native``) and parallel with
-OpenMP, and cached under ``$EETQ_LORA_CACHE_DIR`` (default ``~/.cache/eetq_lora``) keyed by the
-source, the compiler and the CPU. Where no compiler works the kernels report unavailable, with
-one warning, and the dispatcher uses pure-torch paths. ``EETQ_LORA_NATIVE=0`` turns them off
-without a warning.
+OpenMP, and cached in the ``kernels/`` folder of the package cache (``$EETQ_LORA_CACHE``, default
+``~/.cache/eetq_lora``) keyed by the source, the compiler and the CPU. A library is only loaded
+from a folder only this user can write (created 0700; an existing one is checked) and only if
+this user owns it. Where no compiler works or no such folder exists the kernels report
+unavailable, with one warning, and the dispatcher uses pure-torch paths. ``EETQ_LORA_NATIVE=0``
+turns them off without a warning.
+
+Every wrapper checks the tensors it hands to C (device, dtype, shape, strides) before the call.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import UnsafeFolderError, cache_dir, check_private_file, fallback_cache_dir, private_dir
 from ._cpu_source import ABI_VERSION, SOURCE
 
 # Tried in order until one compiles: the host-tuned OpenMP build first, then weaker ones.
@@ -86,38 +91,40 @@ def _compiler_version(compiler: str) -> str:
         return ""
 
 
-def cache_dir() -> Path:
-    """Where compiled kernels are kept."""
-    configured = os.environ.get("EETQ_LORA_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "eetq_lora"
+def kernel_dir() -> Path:
+    """Where compiled kernels are kept: ``kernels/`` in the package cache."""
+    return cache_dir() / "kernels"
 
 
-def _writable_cache_dir() -> Path:
-    for candidate in (
-        cache_dir(),
-        Path(tempfile.gettempdir()) / f"eetq_lora-{os.getuid() if hasattr(os, 'getuid') else 0}",
-    ):
+def _private_kernel_dir() -> Path:
+    # The cache's kernels/ folder, else a per-user one in the temp directory; each must belong to
+    # this user and be closed to others, since the library found there is loaded and run.
+    problems = []
+    for candidate in (kernel_dir(), fallback_cache_dir() / "kernels"):
         try:
-            candidate.mkdir(parents=True, exist_ok=True)
-            if os.access(candidate, os.W_OK):
-                return candidate
-        except OSError:
-            continue
-    raise OSError("no writable cache directory for eetq_lora's compiled kernels")
+            folder = private_dir(candidate)
+            if os.access(folder, os.W_OK):
+                return folder
+            problems.append(f"{folder} is not writable")
+        except OSError as error:
+            problems.append(str(error))
+    raise UnsafeFolderError("no private folder for the compiled kernels: " + "; ".join(problems))
+
+
+def _build_digest(compiler: str) -> str:
+    identity = "\0".join(
+        (SOURCE, repr(_FLAG_SETS), compiler, _compiler_version(compiler), _cpu_identity(), platform.machine())
+    )
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def _build(compiler: str) -> tuple[Path, str]:
     """Compile (or reuse) the kernel library; returns its path and the build log of failed attempts."""
-    identity = "\0".join(
-        (SOURCE, repr(_FLAG_SETS), compiler, _compiler_version(compiler), _cpu_identity(), platform.machine())
-    )
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    directory = _writable_cache_dir()
+    digest = _build_digest(compiler)
+    directory = _private_kernel_dir()
     target = directory / f"eetq_cpu_{digest}.so"
-    if target.exists():
+    if os.path.lexists(target):
+        check_private_file(target)
         return target, ""
     source = directory / f"eetq_cpu_{digest}.c"
     source.write_text(SOURCE)
@@ -162,6 +169,10 @@ def _load() -> ctypes.CDLL | None:
             function.restype = restype
         if library.eetq_abi_version() != ABI_VERSION:
             raise RuntimeError(f"kernel library {path} has ABI {library.eetq_abi_version()}, expected {ABI_VERSION}")
+    except UnsafeFolderError as error:
+        _state["reason"] = f"refusing to build or load compiled kernels ({error})"
+        _warn(_state["reason"])
+        return None
     except Exception as error:  # noqa: BLE001 - any build or load failure means "use the torch paths"
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         _state["reason"] = f"building the CPU kernels failed ({first_line})"
@@ -203,8 +214,63 @@ def _reset_for_tests() -> None:
         _state.clear()
 
 
-# The wrappers below trust their callers (kernels/cpu.py): CPU tensors, float32 activations and
-# scales, and 2-D operands whose columns are adjacent in memory (unit column stride).
+class KernelInputError(ValueError):
+    """A tensor handed to a compiled kernel is not what the kernel reads (device, dtype, shape, strides)."""
+
+
+def _unit_columns(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1) and t.stride(0) >= 0
+
+
+def check_operands(
+    kernel: str,
+    a: torch.Tensor,
+    a_dtypes: tuple[torch.dtype, ...],
+    a_width: str,
+    q: torch.Tensor,
+    scales: dict[str, tuple[torch.Tensor | None, torch.dtype]],
+) -> None:
+    """Raise KernelInputError unless every operand of ``kernel`` is a CPU tensor the C code can read.
+
+    ``a`` [M, R or C] (``a_width`` names which) must have one of ``a_dtypes`` and adjacent columns;
+    ``q`` [R, C] int8 with adjacent columns; each entry of ``scales`` maps ``"rows"`` (length R) or
+    ``"columns"`` (length C) to a contiguous 1-D tensor of the given dtype, or None.
+    """
+    for name, tensor in (("activation", a), ("weight", q)):
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+            where = tensor.device if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise KernelInputError(
+                f"eetq_lora {kernel}: the {name} is on {where}, not the CPU; move the layer and its input to one "
+                "device (model.to(device)), and load weights that are still on the meta device"
+            )
+    if q.dtype != torch.int8 or not _unit_columns(q):
+        raise KernelInputError(f"eetq_lora {kernel}: the weight must be a 2-D int8 matrix with adjacent columns")
+    if a.dtype not in a_dtypes or not _unit_columns(a):
+        names = ", ".join(str(d).replace("torch.", "") for d in a_dtypes)
+        raise KernelInputError(f"eetq_lora {kernel}: the activation must be 2-D {names} with adjacent columns")
+    sizes = {"rows": q.shape[0], "columns": q.shape[1]}
+    if a.shape[1] != sizes[a_width]:
+        raise KernelInputError(
+            f"eetq_lora {kernel}: the activation has {a.shape[1]} columns but the weight has {sizes[a_width]} {a_width}"
+        )
+    for side, (scale, dtype) in scales.items():
+        if scale is None:
+            continue
+        if (
+            scale.device.type != "cpu"
+            or scale.dtype != dtype
+            or scale.dim() != 1
+            or not scale.is_contiguous()
+            or scale.shape[0] != sizes[side]
+        ):
+            raise KernelInputError(
+                f"eetq_lora {kernel}: the scales must be one contiguous CPU {str(dtype).replace('torch.', '')} value "
+                f"per weight {side[:-1]} ({sizes[side]}), got {scale.dtype} of shape {list(scale.shape)} on "
+                f"{scale.device}; weight_scales has one float16 value per output channel"
+            )
+
+
+# The wrappers below check their operands (check_operands) and allocate their own outputs.
 
 
 # Below this much work (rows x int8 weight bytes) one thread beats two. Under
@@ -243,6 +309,8 @@ def _streamed(
     out_columns: int,
 ) -> torch.Tensor:
     # rowdot and rowaxpy share one C signature; only the output width differs.
+    scales = {"rows": (row_scale, torch.float32), "columns": (col_scale, torch.float32)}
+    check_operands(kernel, a, (torch.float32,), "columns" if kernel == "rowdot" else "rows", q, scales)
     lib = library()
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
     out = torch.empty(m, out_columns, dtype=torch.float32)
@@ -289,6 +357,10 @@ def dequantize_into(
     out: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None
 ) -> None:
     """``out[r, c] = q[r, c] * row_scale[r] * col_scale[c]``, rounded once into ``out`` (float32 or bfloat16)."""
+    scales = {"rows": (row_scale, torch.float32), "columns": (col_scale, torch.float32)}
+    check_operands("dequantize", out, (torch.float32, torch.bfloat16), "columns", q, scales)
+    if out.shape[0] != q.shape[0]:
+        raise KernelInputError(f"eetq_lora dequantize: the output has {out.shape[0]} rows, the weight {q.shape[0]}")
     lib = library()
     r, c = q.shape
     lib.eetq_dequant(
@@ -322,6 +394,15 @@ def stream(
     the kernel converts both exactly and rounds the result once; see ``eetq_stream`` in the C source.
     (``decode.py`` calls the same kernel with a fused LoRA adapter.)
     """
+    side = "rows" if scale_on_rows else "columns"
+    check_operands(
+        kernel,
+        a,
+        tuple(STREAM_FORMATS),
+        "columns" if kernel == "rowdot" else "rows",
+        q,
+        {side: (scales, torch.float16)},
+    )
     lib = library()
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
     out = torch.empty(m, c if kernel == "rowaxpy" else r, dtype=a.dtype)
@@ -360,6 +441,7 @@ def has_bf16_dot() -> bool:
 
 def rowdot_bf16(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None) -> torch.Tensor:
     """``rowdot`` with bfloat16 activations (no column scale): float32 ``out[m, r] = row_scale[r] * a[m] . q[r]``."""
+    check_operands("rowdot_bf16", a, (torch.bfloat16,), "columns", q, {"rows": (row_scale, torch.float32)})
     lib = library()
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
     out = torch.empty(m, r, dtype=torch.float32)
@@ -381,6 +463,7 @@ def rowdot_bf16(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None
 
 def rowaxpy_bf16(a: torch.Tensor, q: torch.Tensor, col_scale: torch.Tensor | None) -> torch.Tensor:
     """``rowaxpy`` with bfloat16 activations (no row scale): float32 ``out[m, c] = col_scale[c] * a[m] @ q[:, c]``."""
+    check_operands("rowaxpy_bf16", a, (torch.bfloat16,), "rows", q, {"columns": (col_scale, torch.float32)})
     lib = library()
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
     out = torch.empty(m, c, dtype=torch.float32)

@@ -1,6 +1,6 @@
 """Model preparation: the built-in model, GGUF conversion and caching, loading and EETQ quantization."""
 
-from .cache import cache_dir
+from ..cache import cache_dir
 from .default import DEFAULT_MODEL_NAME, default_gguf_path
 from .gguf import gguf_to_folder
 from .load import (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import MissingPackageError, ModelError
 from ..files import publish_folder
-from .cache import cache_dir
+from ..cache import cache_dir
 
 GGUF_PIP = "'gguf>=0.10.0'"
 MARKER = "eetq_lora_source.json"
