@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -48,6 +49,21 @@ def positive_float(text: str) -> float:
     return value
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS reports one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+
+
+def thread_count(text: str) -> int:
+    """argparse type for --threads: 1 up to the CPUs this process may use (more only wait on each other)."""
+    value = positive_int(text)
+    cpus = usable_cpus()
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"this machine gives the process {cpus} CPU(s); pass at most {cpus}")
+    return value
+
+
 def add_model_flags(parser: argparse.ArgumentParser, model_default: str, dtype_default: str) -> None:
     """--model, --dtype, --device and --threads, worded the same in every subcommand."""
     parser.add_argument(
@@ -67,7 +83,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model_default: str, dtype_d
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         metavar="N",
         help="CPU threads per process. Default: one per core, shared among torchrun processes",
     )

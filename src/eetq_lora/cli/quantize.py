@@ -6,7 +6,7 @@ import argparse
 
 from ..quant.convert import CheckpointError, quantize_checkpoint
 from ..quant.layout import DEFAULT_LAYOUT, LAYOUTS
-from .common import EXIT_OK, add_subcommand, fail, positive_int
+from .common import EXIT_OK, add_subcommand, fail, thread_count
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         default=None,
         metavar="N",
         help="weights quantized at once, one core each (default: every core)",
