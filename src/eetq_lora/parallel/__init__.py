@@ -9,6 +9,7 @@ from .fsdp import (
     shard_model,
     unwrap_model,
 )
+from .loading import load_sharded
 
 explain_fsdp1_refusal()
 
@@ -17,6 +18,7 @@ __all__ = [
     "check_shardable",
     "decoder_layers",
     "explain_fsdp1_refusal",
+    "load_sharded",
     "local_int8_bytes",
     "shard_model",
     "unwrap_model",
