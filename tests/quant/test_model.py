@@ -4,6 +4,7 @@ import gc
 import logging
 import weakref
 
+import pytest
 import torch
 from torch import nn
 
@@ -86,3 +87,23 @@ def test_quantized_model_runs_close_to_float_model():
         got = model(input_ids=ids).logits
     relative = (got - expected).norm() / expected.norm()
     assert relative < 0.05
+
+
+def test_a_bad_weight_anywhere_leaves_the_model_unconverted():
+    model = tiny_llama()
+    last = model.model.layers[-1].mlp.down_proj
+    with torch.no_grad():
+        last.weight[3, 5] = float("nan")
+    before = {name: type(module) for name, module in model.named_modules()}
+    with pytest.raises(ValueError, match=r"layer 'model.layers.1.mlp.down_proj'.*inf or NaN"):
+        quantize_model(model)
+    assert {name: type(module) for name, module in model.named_modules()} == before
+    assert not any(isinstance(module, EetqLinear) for module in model.modules())
+
+
+def test_meta_weights_are_refused_before_any_conversion():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="meta device"):
+        quantize_model(model)
+    assert all(type(module) is nn.Linear for module in model)

@@ -1,6 +1,7 @@
 """quantize_weight / dequantize_weight against REFERENCE.md section 1, computed independently."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -112,3 +113,15 @@ def test_quantization_error_is_within_half_a_step():
 def test_bad_weights_are_clear_errors(bad, error):
     with pytest.raises(error):
         quantize_weight(bad)
+
+
+def test_channels_whose_scale_underflows_to_zero_warn_with_the_layer_name():
+    weight = torch.randn(4, 16)
+    weight[1] *= 1e-9  # absmax/128 is below float16's smallest subnormal
+    weight[2] = 0.0  # an all-zero channel is exact at scale 0: no warning for it
+    with pytest.warns(RuntimeWarning, match=r"layer 'model.layers.0.mlp.up_proj': 1 output channel\(s\)"):
+        q, scales = quantize_weight(weight, name="model.layers.0.mlp.up_proj")
+    assert scales[1] == 0 and scales[0] > 0 and scales[3] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_weight(torch.randn(4, 16))

@@ -296,3 +296,14 @@ def test_missing_and_unexpected_keys_keep_torch_semantics():
     result = target.load_state_dict(layer.state_dict() | {"weight_extra": torch.zeros(1)}, strict=False)
     assert result.unexpected_keys == ["weight_extra"]
     assert_same_layer(layer, target)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scales_are_refused_on_load(bad):
+    state = quantized(64, 64).state_dict()
+    state["weight_scales"] = state["weight_scales"].clone()
+    state["weight_scales"][7] = bad
+    target = EetqLinear(64, 64)
+    with pytest.raises(RuntimeError, match="1 of the 64 scales are inf or NaN"):
+        target.load_state_dict(state)
+    assert torch.equal(target.weight_scales, torch.zeros(64, dtype=torch.float16))

@@ -172,7 +172,7 @@ class _QuantizeWeight(ConversionOps):
         result = {}
         for key, tensors in input_dict.items():
             weight = tensors[0] if isinstance(tensors, list) else tensors
-            q, scales = quantize_weight(weight)
+            q, scales = quantize_weight(weight, name=key.removesuffix(".weight"))
             result[key] = q
             result[key + "_scales"] = scales
         return result

@@ -288,7 +288,7 @@ def _check_linear_weight(shard: str, key: str, tensor: torch.Tensor) -> None:
 
 
 def _quantize_tensor(key: str, weight: torch.Tensor, layout: str) -> dict[str, torch.Tensor]:
-    q, scales = quantize_weight(weight)
+    q, scales = quantize_weight(weight, name=key.removesuffix(".weight"))
     packed = pack_weight(q, resolve_layout(layout, *q.shape), name=key.removesuffix(".weight"))
     return {key: packed, key + "_scales": scales}
 

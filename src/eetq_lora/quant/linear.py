@@ -63,8 +63,13 @@ class EetqLinear(nn.Module):
         self.checkpoint_layout = checkpoint_layout
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.float16) -> "EetqLinear":
-        """Quantize an ``nn.Linear`` (fp16, bf16 or fp32 weight) into a new EetqLinear on the same device."""
+    def from_linear(
+        cls, linear: nn.Linear, dtype: torch.dtype = torch.float16, *, name: str | None = None
+    ) -> "EetqLinear":
+        """Quantize an ``nn.Linear`` (fp16, bf16 or fp32 weight) into a new EetqLinear on the same device.
+
+        ``name`` (the layer's path in its model) labels errors and warnings.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"EetqLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
@@ -73,7 +78,7 @@ class EetqLinear(nn.Module):
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, device=weight.device, dtype=dtype
         )
-        q, scales = quantize_weight(weight)
+        q, scales = quantize_weight(weight, name=name)
         layer.weight.data = q
         layer.weight_scales = scales
         if linear.bias is not None:
@@ -194,6 +199,12 @@ class EetqLinear(nn.Module):
             problems.append(
                 f"{scales_key!r}: expected a float16 tensor of shape [out_features] = [{self.out_features}], "
                 f"got {_describe(scales)}"
+            )
+        elif scales.device.type != "meta" and not bool(torch.isfinite(scales).all()):
+            bad = int((~torch.isfinite(scales)).sum())
+            problems.append(
+                f"{scales_key!r}: {bad} of the {self.out_features} scales are inf or NaN; the checkpoint is corrupt "
+                "(EETQ scales are absmax/128 of each output channel, always finite)"
             )
         return problems
 

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .linear import EetqLinear
+from .quantize import check_quantizable
 
 logger = logging.getLogger("eetq_lora")
 
@@ -38,18 +39,25 @@ def _tensor_bytes(module: nn.Module) -> int:
 def quantize_model(model: nn.Module, modules_to_not_convert: Iterable[str] = ("lm_head",)) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except ``modules_to_not_convert``) by an EetqLinear, in place.
 
-    The float weights are released layer by layer; the model is returned. Logs how many layers
+    Every weight is checked first (finite, in range, loaded), so a bad one raises before any layer
+    changes; then the float weights are released layer by layer. The model is returned. Logs how many layers
     were converted and how many bytes that saved. A transformers model is also marked as
     EETQ-quantized, so its ``save_pretrained`` writes an EETQ checkpoint that ``from_pretrained``
     reads back.
     """
     skips = tuple(modules_to_not_convert or ())
     names = [name for name, module in model.named_modules() if _is_convertible(module) and not is_skipped(name, skips)]
+    # Every weight is checked before any layer is replaced: a bad weight leaves the model as it was.
+    for name in names:
+        linear = model.get_submodule(name)
+        if linear.weight.device.type == "meta":
+            raise ValueError(f"layer {name!r} is on the meta device; load the model's weights before quantizing")
+        check_quantizable(linear.weight, name)
     bytes_before = bytes_after = 0
     for name in names:
         linear = model.get_submodule(name)
         bytes_before += _tensor_bytes(linear)
-        quantized = EetqLinear.from_linear(linear)
+        quantized = EetqLinear.from_linear(linear, name=name)
         bytes_after += _tensor_bytes(quantized)
         model.set_submodule(name, quantized)
     if names and isinstance(model, PreTrainedModel):
