@@ -14,10 +14,12 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # bad input or a missing prerequisite; the message says what to do, nothing was lost
 EXIT_USAGE = 2  # the command line itself is wrong (argparse's own code)
 EXIT_INTERRUPTED = 130  # Ctrl-C; finetune saved a checkpoint to resume from
+DEBUG_VARIABLE = "EETQ_LORA_DEBUG"
 
 EXIT_CODES_HELP = (
-    "exit codes: 0 success; 1 bad input or missing package (the message says how to fix it); "
-    "2 wrong command line; 130 interrupted (finetune saves a checkpoint first)."
+    "exit codes: 0 success; 1 an error, reported in one line (bad input or a missing package: the message "
+    "says how to fix it); 2 wrong command line; 130 interrupted (finetune saves a checkpoint first). "
+    f"Set {DEBUG_VARIABLE}=1 to see the Python traceback of an unexpected error."
 )
 
 DTYPE_HELP = (
@@ -141,10 +143,20 @@ def handles_errors(
             except KeyboardInterrupt:
                 print(f"\neetq-lora {command}: interrupted; nothing was saved.", file=sys.stderr, flush=True)
                 return EXIT_INTERRUPTED
+            except Exception as error:  # noqa: BLE001 - the last resort: one line, not a traceback
+                if os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0"):
+                    raise
+                return fail(command, f"{describe_error(error)} (set {DEBUG_VARIABLE}=1 to see where it came from)")
 
         return wrapper
 
     return decorate
+
+
+def describe_error(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def mib(n_bytes: float) -> str:
