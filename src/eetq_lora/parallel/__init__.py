@@ -10,6 +10,7 @@ from .fsdp import (
     unwrap_model,
 )
 from .loading import load_sharded
+from .zero3 import Zero3Error, gathered_adapter_state_dict, gathered_state_dict, is_partitioned
 
 explain_fsdp1_refusal()
 
@@ -17,7 +18,11 @@ __all__ = [
     "ShardingError",
     "check_shardable",
     "decoder_layers",
+    "Zero3Error",
     "explain_fsdp1_refusal",
+    "gathered_adapter_state_dict",
+    "gathered_state_dict",
+    "is_partitioned",
     "load_sharded",
     "local_int8_bytes",
     "shard_model",

@@ -145,7 +145,8 @@ def _local_numel(tensor: torch.Tensor) -> int:
         return to_local().numel()
     partition = getattr(tensor, "ds_tensor", None)  # a ZeRO-3 partitioned parameter
     if partition is not None:
-        return partition.numel()
+        # Plus any whole copy ZeRO-3 holds (small "persistent" or prefetched parameters, or inside forward).
+        return partition.numel() + tensor.numel()
     return tensor.numel()
 
 
