@@ -30,7 +30,8 @@ a laptop CPU. OUT receives the PEFT adapter (adapter_config.json, adapter_model.
 metrics.json, loss.png, run_config.json and checkpoint/ (to resume).
 
 Multi-process data parallel training: torchrun --nproc-per-node N -m eetq_lora finetune ...
-(gloo on CPU, NCCL on GPU; --batch-size is per process)."""
+(gloo on CPU, NCCL on GPU; --batch-size is per process). Each process holds the whole model (DDP);
+add --fsdp to shard it over the processes instead (FSDP2), with the same results."""
 
 
 def _defaults():
@@ -93,6 +94,15 @@ def register(subparsers) -> argparse.ArgumentParser:
         metavar="N",
         help=f"held-out examples scored before and after training (at most). Default: {d.eval_examples}",
     )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="under torchrun (2 or more processes): shard the int8 base and the adapters over the processes with "
+        "PyTorch FSDP2, so each holds about 1/N of the weights, instead of a whole copy each (DDP, the default). "
+        "Same losses, metrics and adapter as one process. The choice is saved with the run: --resume continues "
+        "sharded without repeating it",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     parser.add_argument(
         "--resume", action="store_true", help="continue the interrupted run saved in --out (with its saved settings)"
@@ -118,6 +128,7 @@ SETTING_FLAGS = (
     "eval_examples",
     "device",
     "threads",
+    "fsdp",
 )
 
 
@@ -159,6 +170,12 @@ def print_report(metrics: dict, out: str) -> None:
         f"  try it             eetq-lora generate --adapter {shlex.quote(out)} "
         f"{shlex.quote(metrics['data']['example_prompt'])}",
     ]
+    shares = runtime.get("int8_base_bytes_per_process")
+    if shares:
+        lines.insert(
+            5,
+            f"  sharded (FSDP2)    int8 base per process: {', '.join(mib(size) for size in shares)}",
+        )
     print("\n".join(lines), flush=True)
 
 

@@ -1,5 +1,6 @@
 """Scale-out: the int8 base sharded by the field's engines (FSDP2, ZeRO-3) with exact LoRA gradients."""
 
+from .checkpoint import TrainingStateError, load_training_state, save_sharded_adapter, save_training_state
 from .fsdp import (
     ShardingError,
     check_shardable,
@@ -16,6 +17,7 @@ explain_fsdp1_refusal()
 
 __all__ = [
     "ShardingError",
+    "TrainingStateError",
     "check_shardable",
     "decoder_layers",
     "Zero3Error",
@@ -24,7 +26,10 @@ __all__ = [
     "gathered_state_dict",
     "is_partitioned",
     "load_sharded",
+    "load_training_state",
     "local_int8_bytes",
+    "save_sharded_adapter",
+    "save_training_state",
     "shard_model",
     "unwrap_model",
 ]

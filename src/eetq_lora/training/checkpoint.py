@@ -1,4 +1,10 @@
-"""Resumable training state in OUT/checkpoint: adapter, optimizer, RNG and progress, published atomically."""
+"""Resumable training state in OUT/checkpoint: adapter, optimizer, RNG and progress, published atomically.
+
+One process or DDP: rank 0 writes the adapter, ``optimizer.pt`` and ``rng.pt``. A model sharded
+with FSDP2: every process writes its shards of the trainable tensors, the optimizer state and its
+own RNG into ``training_state/`` (``torch.distributed.checkpoint``), and the adapter is gathered
+into the same PEFT files.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from ..files import publish_folder
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
+SHARDED_STATE_DIR = "training_state"
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -30,6 +37,35 @@ def save_checkpoint(out: Path, peft_model, optimizer: torch.optim.Optimizer, sta
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
     return publish_folder(build, checkpoint_path(out), if_exists="replace")
+
+
+def save_sharded_checkpoint(out: Path, peft_model, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+    """``save_checkpoint`` for a model sharded over the processes; every process calls it."""
+    import torch.distributed as dist
+
+    from ..parallel.checkpoint import publish_folder_together, save_sharded_adapter, write_training_state
+
+    def build(folder: Path) -> None:
+        save_sharded_adapter(peft_model, folder)
+        write_training_state(folder / SHARDED_STATE_DIR, peft_model, optimizer)
+        if dist.get_rank() == 0:
+            (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    return publish_folder_together(build, checkpoint_path(out))
+
+
+def restore_sharded_state(out: Path, peft_model, optimizer: torch.optim.Optimizer) -> None:
+    """Load the trainable tensors, optimizer and this process's RNG saved by ``save_sharded_checkpoint``."""
+    from ..errors import UserError
+    from ..parallel.checkpoint import load_training_state
+
+    folder = checkpoint_path(out) / SHARDED_STATE_DIR
+    if not folder.is_dir():
+        raise UserError(
+            f"{checkpoint_path(out)} was saved by a run without --fsdp (it has no {SHARDED_STATE_DIR}/); "
+            "resume it without --fsdp"
+        )
+    load_training_state(folder, peft_model, optimizer)
 
 
 def read_state(out: Path) -> dict | None:

@@ -12,7 +12,11 @@ RUNTIME_ONLY = ("device", "threads")
 
 @dataclass
 class FinetuneConfig:
-    """Everything that determines a fine-tuning run. ``model``/``data`` None mean the built-in ones."""
+    """Everything that determines a fine-tuning run. ``model``/``data`` None mean the built-in ones.
+
+    ``fsdp`` shards the model over torchrun's processes instead of replicating it (DDP); it is
+    kept with the run because its checkpoints differ, not its results.
+    """
 
     model: str | None = None
     data: str | None = None
@@ -30,6 +34,7 @@ class FinetuneConfig:
     eval_examples: int = 128
     device: str = "auto"
     threads: int | None = None
+    fsdp: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the first setting out of range."""

@@ -48,6 +48,18 @@ def context_from_env() -> DistContext:
     )
 
 
+def check_sharding_possible(context: DistContext) -> None:
+    """Raise a UserError unless this process is one of two or more torchrun processes, which FSDP needs."""
+    from ..errors import UserError
+
+    if context.world_size < 2:
+        launched = "one torchrun process" if "WORLD_SIZE" in os.environ else "a plain process (no torchrun)"
+        raise UserError(
+            f"--fsdp shards the model over several processes, but this is {launched}; start it with "
+            "torchrun --nproc-per-node N -m eetq_lora finetune --fsdp ... (N at least 2), or leave out --fsdp"
+        )
+
+
 def init_distributed(device: torch.device) -> DistContext:
     """Join the torchrun process group if there is one: NCCL on GPUs, gloo on CPUs."""
     context = context_from_env()

@@ -15,13 +15,30 @@ from pathlib import Path
 
 import torch
 
-from ..data import EncodedSet, PromptFormat, collate, encode_examples, load_dataset, split_dataset, supervised_tokens
+from ..data import (
+    Encoded,
+    EncodedSet,
+    PromptFormat,
+    collate,
+    encode_examples,
+    load_dataset,
+    split_dataset,
+    supervised_tokens,
+)
 from ..errors import DataError, UserError
 from ..files import public_file_mode, write_json_atomic
 from ..models import check_model_spec, default_device, load_quantized, resolve_dtype, resolve_model
-from .checkpoint import CHECKPOINT_DIR, checkpoint_path, read_state, restore_optimizer_and_rng, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_path,
+    read_state,
+    restore_optimizer_and_rng,
+    restore_sharded_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from .config import FinetuneConfig, target_module_list
-from .distributed import DistContext, init_distributed, shutdown_distributed
+from .distributed import DistContext, check_sharding_possible, context_from_env, init_distributed, shutdown_distributed
 from .evaluate import EvalResult, evaluate
 from .interrupt import StopRequest
 from .loss import answer_token_stats
@@ -163,6 +180,39 @@ def _encode(fmt: PromptFormat, examples, config: FinetuneConfig, what: str, sour
     return encoded
 
 
+def _mib(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def evaluate_sharded(
+    model: torch.nn.Module, items: list[Encoded], batch_size: int, pad_id: int, device, context: DistContext
+) -> EvalResult:
+    """``evaluate`` for a model sharded over the processes, with the same batches and the same result.
+
+    Every forward gathers weights from all processes, so each process runs as many forwards as
+    the one with the most batches; the extra ones repeat a batch and count nothing.
+    """
+    shares = [items[rank :: context.world_size] for rank in range(context.world_size)]
+    batch_counts = [-(-len(share) // batch_size) for share in shares]
+    mine = sorted(shares[context.rank], key=lambda item: len(item.input_ids))
+    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    idle = max(batch_counts) - len(batches)
+    was_training = model.training
+    model.eval()
+    nll = tokens = correct = 0.0
+    with torch.no_grad():
+        for index, part in enumerate(batches + [items[:1]] * idle):
+            batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+            stats = answer_token_stats(model, batch)
+            if index < len(batches):
+                nll += float(stats.nll)
+                tokens += stats.tokens
+                correct += stats.correct
+    model.train(was_training)
+    nll, tokens, correct = context.sum([nll, tokens, correct], device)
+    return EvalResult(loss=nll / tokens, accuracy=correct / tokens, tokens=int(tokens), examples=len(items))
+
+
 class _Trainer:
     """One optimizer step at a time over the schedule; each step's loss is the global mean per answer token."""
 
@@ -180,6 +230,16 @@ class _Trainer:
         self.schedule = BatchSchedule([len(item.input_ids) for item in self.items], global_batch, config.seed)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
 
+    def _gradient_sync(self, last: bool):
+        """Combine gradients over processes only in the backward of a step's last micro-batch."""
+        if not self.context.enabled:
+            return nullcontext()
+        if self.config.fsdp:
+            # FSDP2 modules have no no_sync(); this flag holds until it is set again.
+            self.train_model.set_requires_gradient_sync(last)
+            return nullcontext()
+        return nullcontext() if last else self.train_model.no_sync()
+
     def step(self, step: int, stop_requested: bool) -> tuple[float, int, bool]:
         """Run optimizer step ``step``; returns (loss, tokens processed by all processes, stop agreed)."""
         config, context = self.config, self.context
@@ -191,18 +251,17 @@ class _Trainer:
         parts = micro_batches(batch_indices, context.world_size, context.rank, config.grad_accum)
         nll_sum = 0.0
         tokens = 0
-        # DDP averages gradients over processes; scaling by world/global_tokens makes the update the
-        # gradient of (sum of answer-token losses) / (answer tokens in the global batch).
+        # DDP and FSDP average gradients over processes; scaling by world/global_tokens makes the update
+        # the gradient of (sum of answer-token losses) / (answer tokens in the global batch).
         scale = context.world_size / max(1, global_tokens)
         for index, part in enumerate(parts):
             batch = {k: v.to(self.device) for k, v in collate([self.items[i] for i in part], self.pad_id).items()}
-            last = index == len(parts) - 1
-            sync = nullcontext() if last or not context.enabled else self.train_model.no_sync()
-            with sync:
+            with self._gradient_sync(last=index == len(parts) - 1):
                 stats = answer_token_stats(self.train_model, batch)
                 (stats.nll * scale).backward()
             nll_sum += float(stats.nll.detach())
             tokens += int(batch["attention_mask"].sum())
+        # Under FSDP the gradients are DTensor shards, and the norm is taken over all of them.
         torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -233,6 +292,8 @@ def run_finetune(
             )
         config = FinetuneConfig.from_dict({**saved.to_dict(), "device": config.device, "threads": config.threads})
     config.validate()
+    if config.fsdp:
+        check_sharding_possible(context_from_env())
     check_output(out, resume, overwrite)
     check_model_spec(config.model)
     dataset = load_dataset(config.data)
@@ -255,6 +316,22 @@ def run_finetune(
         )
     finally:
         shutdown_distributed()
+
+
+def _shard(peft_model, context: DistContext, device: torch.device, log: Log) -> list[int]:
+    """Shard the model with FSDP2 and report each process's share of the int8 base; returns those shares."""
+    from ..parallel import local_int8_bytes, shard_model
+
+    total = local_int8_bytes(peft_model)
+    shard_model(peft_model)
+    mine = [0] * context.world_size
+    mine[context.rank] = local_int8_bytes(peft_model)
+    shares = [int(size) for size in context.sum(mine, device)]
+    log(
+        f"Sharded with FSDP2 over {context.world_size} processes: int8 base {_mib(total)} in all, per process "
+        + ", ".join(f"{_mib(size)} (rank {rank})" for rank, size in enumerate(shares))
+    )
+    return shares
 
 
 def _run(config, out, resume, overwrite, split, data_name, device, context, wall_start, log) -> FinetuneOutcome:
@@ -306,10 +383,15 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
     peft_model.to(device)
     # Same results, less activation memory: RMSNorm and the MLP activation are redone in backward.
     recompute_cheap_ops(peft_model)
+    int8_per_process = _shard(peft_model, context, device, log) if config.fsdp else None
+    # After sharding: FSDP replaces the parameters by their shards, which the optimizer must hold.
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    if state is not None:
+    if state is not None and config.fsdp:
+        restore_sharded_state(out, peft_model, optimizer)
+    elif state is not None:
         restore_optimizer_and_rng(out, optimizer, device)
+    score = evaluate_sharded if config.fsdp else evaluate
 
     trainable_count = sum(p.numel() for p in trainable)
     total_count = sum(p.numel() for p in peft_model.parameters())
@@ -325,7 +407,7 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
                 clear_outputs(out)
             write_json_atomic(out / RUN_CONFIG, run_record)
         log(f"Scoring {len(eval_set)} held-out examples before training...")
-        before = evaluate(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
+        before = score(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
         log(f"  held-out loss {before.loss:.4f}, answer-token accuracy {before.accuracy:.1%}")
         state = {
             "step": 0,
@@ -339,13 +421,16 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
         log(f"Resuming at step {state['step']}/{config.steps} from {checkpoint_path(out)}")
 
     train_model = peft_model
-    if context.enabled:
+    if context.enabled and not config.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(peft_model, device_ids=[device.index] if device.type == "cuda" else None)
     trainer = _Trainer(peft_model, train_model, optimizer, train_set, config, context, device, pad_id)
 
     def checkpoint() -> None:
+        if config.fsdp:
+            save_sharded_checkpoint(out, peft_model, optimizer, state)
+            return
         if context.is_main:
             save_checkpoint(out, peft_model, optimizer, state)
         context.barrier()
@@ -381,10 +466,14 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
     if stopped and step < config.steps:
         return FinetuneOutcome("interrupted", step, config.steps, out, is_main=context.is_main)
 
-    if context.is_main:
+    if config.fsdp:
+        from ..parallel.checkpoint import save_sharded_adapter
+
+        save_sharded_adapter(peft_model, out)
+    elif context.is_main:
         save_adapter(peft_model, out)
     log(f"Scoring {len(eval_set)} held-out examples after training...")
-    after = evaluate(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
+    after = score(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
 
     metrics = {
         "status": "finished",
@@ -419,6 +508,8 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
         "runtime": {
             "device": str(device),
             "processes": context.world_size,
+            "parallel": ("fsdp" if config.fsdp else "ddp") if context.enabled else None,
+            "int8_base_bytes_per_process": int8_per_process,
             "threads": threads,
             "wall_seconds": time.perf_counter() - wall_start,
             "peak_memory_bytes": peak_memory_bytes(),

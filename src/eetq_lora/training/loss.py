@@ -35,16 +35,28 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def _is_sharded(model: torch.nn.Module, head: torch.nn.Module) -> bool:
+    # FSDP2 (fully_shard) gathers a unit's weights only inside that unit's forward, and the root
+    # unit's forward must run first: the head's weight is a shard anywhere else.
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(model, FSDPModule) or isinstance(head.weight, DTensor)
+
+
 def _decoder_and_plain_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     # Only where the logits are exactly lm_head(decoder output): no soft-capping or logit scale,
-    # a bias-free float head, and no DistributedDataParallel wrapper (its forward must run).
+    # a bias-free float head, and no DistributedDataParallel wrapper or FSDP2 sharding (the
+    # model's own forward must run).
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if type(base).__name__ not in PLAIN_HEAD_MODELS:
         return None
     head = base.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.bias is not None:
+    if type(head) is not torch.nn.Linear or head.bias is not None or _is_sharded(model, head):
         return None
     return base.get_decoder(), head
 
@@ -54,8 +66,8 @@ def answer_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
 
     Logits are only computed where a label follows. For the models in ``PLAIN_HEAD_MODELS`` the
     vocabulary projection and the loss run in chunks (``linear_cross_entropy``), so the logits
-    of the whole batch never exist at once; other models go through their own forward (with
-    ``logits_to_keep`` where they take it).
+    of the whole batch never exist at once; other models, and models sharded with FSDP2, go
+    through their own forward (with ``logits_to_keep`` where they take it).
     """
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
