@@ -2,7 +2,10 @@
 
 Importing this package registers its EETQ quantizer with transformers (``enable_transformers``), so
 ``from_pretrained`` loads and ``save_pretrained`` writes ``quant_method: "eetq"`` checkpoints on
-any device; ``disable_transformers()`` restores transformers' own (CUDA-only) quantizer.
+any device; ``disable_transformers()`` restores transformers' own (CUDA-only) quantizer. It also
+hooks PEFT (``install_peft_hooks``), so stock ``peft.get_peft_model``, ``PeftModel.from_pretrained``,
+``AutoPeftModelForCausalLM`` and TRL's ``SFTTrainer(peft_config=...)`` wrap EETQ layers in
+EetqLoraLinear, ``target_modules="all-linear"`` included.
 """
 
 from ._compat import is_eetq_available
@@ -18,10 +21,12 @@ from .lora import (
     load_adapter,
     register_eetq,
 )
+from .lora.peft_hooks import PeftCompatibilityError, install_peft_hooks
 from .parallel import local_int8_bytes, shard_model
 from .quant import EetqLinear, dequantize_weight, quantize_model, quantize_weight, set_checkpoint_layout
 
 enable_transformers()
+install_peft_hooks()
 
 __version__ = "0.1.0"
 
@@ -36,7 +41,9 @@ __all__ = [
     "enable_transformers",
     "export_merged",
     "ExportReport",
+    "PeftCompatibilityError",
     "get_peft_model",
+    "install_peft_hooks",
     "is_eetq_available",
     "load_adapter",
     "local_int8_bytes",

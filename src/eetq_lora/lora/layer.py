@@ -14,6 +14,11 @@ from .side_path import lora_side_path
 
 # Inits that derive A/B from (and rewrite) the float base weight; an int8 base cannot provide that.
 _BASE_WEIGHT_INITS = ("pissa", "corda", "olora", "loftq", "orthogonal", "mica", "lora_ga")
+_EXPORT_HINT = (
+    "An int8 EETQ base cannot take the adapters' float delta in place. To get a merged model, use "
+    "eetq_lora.export_merged(peft_model, out_dir): a float checkpoint of base + adapters, or an EETQ int8 "
+    "one with requantize=True."
+)
 _SUPPORTED_INITS = 'init_lora_weights=True (Kaiming-uniform A, zero B), "gaussian", or False'
 
 # The constructor's keyword defaults, exactly as the spec gives them.
@@ -214,7 +219,10 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
         return ((weight_B.to(compute) @ weight_A.to(compute)) * self.scaling[adapter]).to(dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise AttributeError("Merging LoRA layers is not supported for Eetq layers.")
+        error = AttributeError("Merging LoRA layers is not supported for Eetq layers.")
+        if hasattr(error, "add_note"):  # Python 3.11+: shown under the message, which stays exact
+            error.add_note(_EXPORT_HINT)
+        raise error
 
     def unmerge(self) -> None:
         raise AttributeError("Unmerging LoRA layers is not supported for Eetq layers.")

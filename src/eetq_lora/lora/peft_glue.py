@@ -9,10 +9,8 @@ from typing import Any
 import peft
 import torch
 from peft import LoraConfig, PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .._compat import eetq_layer_classes
-from ..quant.model import is_skipped
 from .layer import EetqLoraLinear
 
 
@@ -28,52 +26,21 @@ def register_eetq(config: LoraConfig) -> LoraConfig:
     return config
 
 
-def _linear_module_names(model: torch.nn.Module) -> set[str]:
-    # PEFT's own "all-linear" only sees nn.Linear/Conv1D; we add EETQ layers and keep its rule of
-    # leaving out the output head. A layer PEFT already wrapped counts under its own name, and
-    # the adapters inside it (lora_A, lora_B, base_layer) are not targets.
-    linear_types = (torch.nn.Linear, *eetq_layer_classes())
-    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names: set[str] = set()
-    inside_tuner: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside_tuner):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            inside_tuner.append(name + ".")
-            module = module.get_base_layer()
-        if not isinstance(module, linear_types) or module is output_head or is_skipped(name, ("lm_head",)):
-            continue
-        names.add(name.rsplit(".", 1)[-1])
-    return names
-
-
-def _resolve_all_linear(model: torch.nn.Module, config: LoraConfig) -> LoraConfig:
-    target = config.target_modules
-    if isinstance(target, str) and target.lower() == "all-linear":
-        names = _linear_module_names(model)
-        if not names:
-            raise ValueError("target_modules='all-linear' found no linear or EETQ layer in the model")
-        config.target_modules = names
-    return config
-
-
 def get_peft_model(
     model: torch.nn.Module, lora_config: LoraConfig, adapter_name: str = "default", **kwargs: Any
 ) -> PeftModel:
-    """Attach LoRA adapters to a (quantized) model; EETQ layers get EetqLoraLinear.
+    """``peft.get_peft_model`` (which takes EETQ models itself once ``eetq_lora`` is imported).
 
-    The result is a plain ``peft.PeftModel``. ``target_modules="all-linear"`` reaches every
-    EetqLinear and nn.Linear except the output head. ``lora_config`` is copied, not changed.
+    The result is a plain ``peft.PeftModel`` whose EETQ layers are EetqLoraLinear;
+    ``target_modules="all-linear"`` reaches every EetqLinear and nn.Linear except the output head.
+    ``lora_config`` is copied, not changed.
     """
-    config = register_eetq(_resolve_all_linear(model, copy.deepcopy(lora_config)))
-    return peft.get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    return peft.get_peft_model(model, register_eetq(copy.deepcopy(lora_config)), adapter_name=adapter_name, **kwargs)
 
 
 def add_adapter(peft_model: PeftModel, adapter_name: str, lora_config: LoraConfig) -> None:
-    """Add another (trainable) LoRA adapter to a PeftModel built on an EETQ model."""
-    config = register_eetq(_resolve_all_linear(peft_model.get_base_model(), copy.deepcopy(lora_config)))
-    peft_model.add_adapter(adapter_name, config)
+    """Add another (trainable) LoRA adapter to a PeftModel built on an EETQ model (``PeftModel.add_adapter``)."""
+    peft_model.add_adapter(adapter_name, register_eetq(copy.deepcopy(lora_config)))
 
 
 def load_adapter(
