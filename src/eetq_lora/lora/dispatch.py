@@ -20,6 +20,12 @@ def dispatch_eetq(target: torch.nn.Module, adapter_name: str, **kwargs: Any) -> 
     if not isinstance(base_layer, eetq_layer_classes()):
         return None
 
+    if kwargs.get("parameter_name") is not None:
+        raise ValueError(
+            f"target_parameters reached the EETQ int8 layer {kwargs.get('target_name') or type(base_layer).__name__!r} "
+            f"(parameter {kwargs['parameter_name']!r}); a frozen int8 weight cannot take a parameter adapter. Target "
+            "the layer itself with target_modules=[...] and leave target_parameters out"
+        )
     new_module = EetqLoraLinear(target, adapter_name, **kwargs)
     # A tuner-layer target already exposes its base layer's weight/bias through read-only
     # properties; assigning to them would fail, so only a bare layer gets them set.

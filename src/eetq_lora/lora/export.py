@@ -25,6 +25,8 @@ from .layer import EetqLoraLinear
 
 logger = logging.getLogger("eetq_lora")
 
+_EXPORT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 @dataclass
 class ExportReport:
@@ -106,14 +108,15 @@ def export_merged(
     ``requantize=False`` writes a plain float checkpoint in ``dtype`` (dequantized base +
     LoRA deltas) that stock transformers loads. ``requantize=True`` quantizes the merged
     weights back to EETQ int8 and writes an EETQ checkpoint, reporting the error that adds,
-    per layer and overall. The folder appears atomically; an existing ``out_dir`` is refused
-    unless ``overwrite=True``.
+    per layer and overall. The folder appears whole or not at all; an existing ``out_dir`` is
+    refused unless ``overwrite=True``, and an existing file is always refused (FileExistsError).
     """
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"export_merged expects a peft.PeftModel, got {type(peft_model).__name__}")
+    if dtype not in _EXPORT_DTYPES:
+        raise ValueError(f"export_merged writes float16, bfloat16 or float32 weights, got dtype={dtype}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose another folder or pass overwrite=True")
+    _check_destination(out_dir, overwrite)
 
     base = peft_model.get_base_model()
     if not hasattr(base, "config") or not hasattr(base, "save_pretrained"):
@@ -169,5 +172,17 @@ def export_merged(
                 module.bias.data = module.bias.data.to(torch.float16)
         logger.info("eetq_lora: requantization error (relative Frobenius) overall %.3e", report.overall_error)
 
+    # The destination may have changed while the weights were merged: check it again just before writing.
+    _check_destination(out_dir, overwrite)
     publish_folder(to_save.save_pretrained, out_dir, if_exists="replace" if overwrite else "error")
     return report
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
+        # overwrite=True replaces an earlier export (a folder), never a file someone put there.
+        raise FileExistsError(
+            f"{out_dir} is an existing file, not a folder; export_merged writes a folder: choose another path"
+        )
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another folder or pass overwrite=True")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -29,6 +30,19 @@ _KEYWORD_DEFAULTS = {
     "use_dora": False,
     "lora_bias": False,
 }
+
+
+def _requested_variants(config: LoraConfig) -> list[str]:
+    # PEFT marks its LoRA variants in LoraConfig's field metadata (DoRA has its own message above).
+    requested = []
+    for field in dataclasses.fields(config):
+        if field.name == "use_dora":
+            continue
+        if field.name == "init_lora_weights" and config.init_lora_weights in field.metadata.get("lora_variants", ()):
+            requested.append(f"init_lora_weights={config.init_lora_weights!r}")
+        elif field.metadata.get("is_lora_variant") and getattr(config, field.name):
+            requested.append(field.name)
+    return requested
 
 
 def _refuse_dora(layer_name: str) -> ValueError:
@@ -119,6 +133,14 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
             raise ValueError(
                 f"init_lora_weights={init!r} needs to read and rewrite the float base weight, but an EETQ base "
                 f"layer is frozen int8. Use {_SUPPORTED_INITS}."
+            )
+        variants = _requested_variants(config)
+        if variants:
+            where = kwargs.get("target_name") or "an EETQ int8 layer"
+            raise ValueError(
+                f"{type(self).__name__} ({where}) supports plain LoRA only, "
+                f"not the LoRA variant(s) {', '.join(variants)}; leave those options unset for EETQ layers, or keep "
+                "the layers they need in float with quantize_model(model, modules_to_not_convert=[...])"
             )
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 

@@ -12,7 +12,8 @@ replacing those two names is the smallest change that reaches them all:
 - ``dispatch_eetq`` becomes this package's, which wraps this package's EetqLinear as well as
   ``eetq.EetqLinear`` and transformers' EetqLinear in EetqLoraLinear;
 - "all-linear" also counts EETQ layers, with PEFT's own exclusions (the output head, layers
-  inside existing adapters).
+  inside existing adapters); and ``modules_to_save`` naming an EETQ layer is refused with a
+  message that says what to do, before PEFT changes the model.
 
 Both names are checked when installing, and a LoRA layer is built on a small EETQ layer through
 PEFT's own ``_create_new_module``: if a PEFT release moved either, importing ``eetq_lora`` fails
@@ -71,8 +72,32 @@ def _eetq_linear_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
+def _refuse_eetq_modules_to_save(peft_config: Any, model: torch.nn.Module) -> None:
+    # PEFT trains a float copy of each modules_to_save module; an int8 layer cannot require
+    # gradients, which PEFT would only report as a bare torch error.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = getattr(peft_config, "modules_to_save", None) or ()
+    if not names:
+        return
+    classes = eetq_layer_classes()
+    for module_name, module in model.named_modules():
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if not isinstance(base, classes):
+            continue
+        for wanted in names:
+            if module_name == wanted or module_name.endswith("." + wanted):
+                raise ValueError(
+                    f"modules_to_save names {wanted!r}, which reaches the EETQ int8 layer {module_name!r}: PEFT "
+                    "trains a full copy of such modules, and an int8 weight cannot be trained. Put the layer in "
+                    "target_modules "
+                    "to train LoRA on it, or keep it in float with quantize_model(model, modules_to_not_convert=[...])"
+                )
+
+
 def _with_eetq_all_linear(original):
     def maybe_include_all_linear_layers(peft_config: Any, model: torch.nn.Module) -> Any:
+        _refuse_eetq_modules_to_save(peft_config, model)
         target = getattr(peft_config, "target_modules", None)
         is_all_linear = isinstance(target, str) and target.lower() == "all-linear"
         eetq_names = _eetq_linear_names(model) if is_all_linear else set()
