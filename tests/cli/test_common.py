@@ -32,3 +32,14 @@ def test_an_unexpected_error_is_one_line_with_exit_code_1_unless_debugging(capsy
     monkeypatch.setenv("EETQ_LORA_DEBUG", "1")
     with pytest.raises(RuntimeError, match="the kernel broke"):
         run(None)
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "-1", "0", "1e400"])
+def test_positive_numbers_must_be_finite(text):
+    import argparse
+
+    from eetq_lora.cli.common import positive_float
+
+    with pytest.raises(argparse.ArgumentTypeError, match="finite number greater than 0"):
+        positive_float(text)
+    assert positive_float("0.5") == 0.5

@@ -313,27 +313,30 @@ def test_unknown_layout_is_an_argparse_error(tmp_path):
     assert info.value.code == 2
 
 
-def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
+def test_failure_midway_leaves_no_output(tmp_path, monkeypatch, capsys):
     src, out = tmp_path / "float", tmp_path / "int8"
     float_folder(src)
     calls = []
 
-    def failing(weight):
+    def failing(weight, name=None):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("disk on fire")
-        return quantize_weight(weight)
+        return quantize_weight(weight, name=name)
 
     monkeypatch.setattr(convert_module, "quantize_weight", failing)
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        run_cli(src, out)
+    monkeypatch.delenv("EETQ_LORA_DEBUG", raising=False)
+    capsys.readouterr()
+    # An unexpected error is one line and exit code 1, like every other subcommand's.
+    assert run_cli(src, out) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("eetq-lora quantize: error: RuntimeError: disk on fire") and err.count("\n") == 1, err
     assert not out.exists() and leftovers(tmp_path, "int8") == []
     # With --overwrite the old folder survives a failed run.
     out.mkdir()
     (out / "old.txt").write_text("old")
     calls.clear()
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        run_cli(src, out, "--overwrite")
+    assert run_cli(src, out, "--overwrite") == 1
     assert [p.name for p in out.iterdir()] == ["old.txt"] and leftovers(tmp_path, "int8") == []
 
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from .common import EXIT_OK, add_adapter_flags, add_model_flags, add_subcommand, handles_errors, positive_int
+
+SEED_MAX = 2**64 - 1  # the largest seed torch.manual_seed takes
+# Below this, dividing the scores by the temperature overflows float32 and sampling fails.
+MIN_SAMPLING_TEMPERATURE = 1e-4
 
 DESCRIPTION = """\
 Load the base model, quantize it to EETQ int8, attach the adapter(s) and answer each PROMPT.
@@ -35,9 +40,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--max-new-tokens", type=positive_int, default=64, metavar="N", help="most tokens per answer. Default: 64"
     )
     parser.add_argument(
-        "--temperature", type=float, default=0.0, help="0 answers greedily (deterministic); above 0 samples. Default: 0"
+        "--temperature",
+        type=float,
+        default=0.0,
+        help=f"0 answers greedily (deterministic); {MIN_SAMPLING_TEMPERATURE:g} or more samples. Default: 0",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling. Default: 0")
+    parser.add_argument("--seed", default="0", help="seed for sampling, a whole number from 0 to 2**64-1. Default: 0")
     parser.add_argument("--json", action="store_true", help="print one JSON object per answer: prompt, model, answer")
     parser.set_defaults(func=run)
     return parser
@@ -62,16 +70,44 @@ def generate_answer(model, fmt, tokenizer, prompt: str, max_new_tokens: int, tem
     return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
+def check_temperature(temperature: float) -> None:
+    """Raise ConfigError unless ``temperature`` is 0 (greedy) or a finite value sampling can use."""
+    from ..errors import ConfigError
+
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(
+            f"--temperature must be a finite number, 0 or more, got {temperature}; "
+            "pass 0 for greedy answers, or a value such as 0.7 to sample"
+        )
+    if 0 < temperature < MIN_SAMPLING_TEMPERATURE:
+        raise ConfigError(
+            f"--temperature {temperature:g} is too small to sample with (the minimum is {MIN_SAMPLING_TEMPERATURE:g}); "
+            "pass 0 for greedy answers"
+        )
+
+
+def parse_seed(text: str) -> int:
+    """The --seed value as an int from 0 to 2**64-1, or a ConfigError saying what is accepted."""
+    from ..errors import ConfigError
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"--seed must be a whole number from 0 to 2**64-1 ({SEED_MAX}), got {text!r}")
+    return value
+
+
 @handles_errors("generate")
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import PromptFormat
-    from ..errors import UserError
     from ..models.adapters import load_for_inference, using
 
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
+    check_temperature(args.temperature)
+    seed = parse_seed(args.seed)
     inference = load_for_inference(args.adapter, args.model, args.dtype, args.device, args.threads)
     tokenizer = inference.loaded.tokenizer
     fmt = PromptFormat(tokenizer)
@@ -81,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         if headed and not args.json and len(args.prompts) > 1:
             print(f"# {prompt}")
         for source in sources:
-            torch.manual_seed(args.seed)
+            torch.manual_seed(seed)
             label = "base" if source is None else source.label
             with using(inference.model, source) as model:
                 answer = generate_answer(model, fmt, tokenizer, prompt, args.max_new_tokens, args.temperature)

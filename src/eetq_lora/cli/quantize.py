@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..quant.convert import CheckpointError, quantize_checkpoint
+from ..quant.convert import quantize_checkpoint
 from ..quant.layout import DEFAULT_LAYOUT, LAYOUTS
-from .common import EXIT_OK, add_subcommand, fail, thread_count
+from .common import EXIT_OK, add_subcommand, handles_errors, thread_count
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -52,21 +52,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+@handles_errors("quantize")
 def run(args: argparse.Namespace) -> int:
-    """Run the conversion and print a summary; returns the exit code (1 for unusable input, as every subcommand)."""
+    """Run the conversion and print a summary; returns the exit code (1 for unusable input, 130 for Ctrl-C)."""
     skips = args.skip if args.skip is not None else ["lm_head"]
-    try:
-        report = quantize_checkpoint(
-            args.src,
-            args.out,
-            modules_to_not_convert=skips,
-            layout=args.layout,
-            overwrite=args.overwrite,
-            threads=args.threads,
-            progress=not args.no_progress,
-        )
-    except CheckpointError as error:
-        return fail("quantize", str(error))
+    # An unusable SRC (CheckpointError, a UserError) or Ctrl-C leaves OUT as it was: the new folder is
+    # built aside and moved into place only once complete.
+    report = quantize_checkpoint(
+        args.src,
+        args.out,
+        modules_to_not_convert=skips,
+        layout=args.layout,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
     mib = 2**20
     print(f"wrote {args.out}")
     print(

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from .default import DEFAULT_MODEL_NAME, default_gguf_path
 from .gguf import gguf_to_folder
 
@@ -140,8 +141,13 @@ def load_quantized(source: ModelSource, dtype: torch.dtype, device: torch.device
     try:
         tokenizer = load_tokenizer(source.folder)
         model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelError(f"could not load the model in {source.folder}: {error}") from error
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+        text = text if len(text) <= 300 else text[:297] + "..."
+        raise ModelError(
+            f"could not load the model in {source.folder}: {text}; "
+            "copy the folder again or re-save it with save_pretrained()"
+        ) from error
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -154,9 +160,56 @@ def load_quantized(source: ModelSource, dtype: torch.dtype, device: torch.device
 
 
 def default_device(name: str = "auto") -> torch.device:
-    """``auto`` picks the GPU of this process (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
+    """``auto`` picks the GPU of this process (LOCAL_RANK under torchrun) when CUDA is available, else the CPU.
+
+    Any other name must be a device this process can use (``cpu``, ``cuda``, ``cuda:N``, ...); a
+    ConfigError names the problem and lists the devices there are.
+    """
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return _checked_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), name)
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{name!r} is not a device name; use one of: {', '.join(available_devices())}") from None
+    return _checked_device(device, name)
+
+
+def available_devices() -> list[str]:
+    """The device names this process can compute on: ``cpu``, then each visible GPU (or other accelerator)."""
+    names = ["cpu"]
+    for backend in _ACCELERATORS:
+        names += [f"{backend}:{index}" for index in range(_device_count(backend))]
+    return names
+
+
+# torch modules whose devices are usable for inference and training, each with is_available() and device_count().
+_ACCELERATORS = ("cuda", "xpu", "mps")
+
+
+def _device_count(backend: str) -> int:
+    module = getattr(torch, backend, None)
+    try:
+        if module is None or not module.is_available():
+            return 0
+        return int(module.device_count()) if hasattr(module, "device_count") else 1
+    except Exception:  # noqa: BLE001 - a backend probe that fails means the backend is unusable here
+        return 0
+
+
+def _checked_device(device: torch.device, name: str) -> torch.device:
+    if device.type == "cpu":
+        return device
+    count = _device_count(device.type) if device.type in _ACCELERATORS else 0
+    if count and (device.index is None or device.index < count):
+        return device
+    if device.type == "cuda" and not count and torch.version.cuda is None and torch.version.hip is None:
+        why = "this PyTorch build has no CUDA support"
+    elif device.type == "cuda" and not count:
+        why = "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+    elif device.type in _ACCELERATORS:
+        why = f"this process sees {count} {device.type} device(s)"
+    else:
+        why = "eetq-lora runs on cpu, cuda, xpu or mps devices"
+    raise ConfigError(f"device {name!r} is not available: {why}; use one of: {', '.join(available_devices())}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import UserError
 from ..files import publish_folder
 from .layout import DEFAULT_LAYOUT, METADATA_KEY, check_layout, pack_weight, resolve_layout
 from .quantize import quantize_weight
@@ -31,10 +33,22 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Files that hold weights in other formats: never copied into the quantized folder.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+# safetensors dtype names of the weights quantize_weight accepts.
+_QUANTIZABLE_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+_RESAVE = "copy the model folder again, or re-save it with save_pretrained()"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """The source or destination folder cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the model that config.json describes expects: the weights to quantize and every tensor's shape."""
+
+    linear_weights: set[str]
+    skips: list[str]
+    shapes: dict[str, tuple[int, ...]]
 
 
 @dataclass
@@ -78,7 +92,11 @@ def quantize_checkpoint(
     shards, index = _source_shards(src)
     _check_destination(src, out, overwrite)
     config = _read_config(src)
-    linear_weights, skips = linear_weight_names(src, modules_to_not_convert)
+    plan = _plan(src, modules_to_not_convert)
+    linear_weights, skips = plan.linear_weights, plan.skips
+    # Every shard's header is read before anything is written: a corrupt file or a tensor whose shape
+    # does not fit config.json would otherwise give a folder that from_pretrained cannot load.
+    _check_shards(src, shards, plan)
 
     workers = threads or os.cpu_count() or 1
     previous_threads = torch.get_num_threads()
@@ -111,6 +129,10 @@ def quantize_checkpoint(
         publish_folder(build, out, if_exists="replace" if overwrite else "error")
     except FileExistsError as error:
         raise CheckpointError(str(error)) from None
+    except OSError as error:
+        raise CheckpointError(
+            f"could not write {out} ({error}); nothing was written: check free disk space and permissions"
+        ) from None
     finally:
         torch.set_num_threads(previous_threads)
     return ConversionReport(
@@ -134,50 +156,93 @@ def linear_weight_names(
     ``nn.Linear`` modules are the candidates. The skip list adds tied weights and the model's
     float32-only modules to ``modules_to_not_convert``, as transformers' loader does.
     """
+    plan = _plan(Path(src), modules_to_not_convert)
+    return plan.linear_weights, plan.skips
+
+
+def _plan(src: Path, modules_to_not_convert: Iterable[str]) -> _Plan:
     from transformers import AutoConfig
     from transformers.quantizers.quantizers_utils import should_convert_module
 
+    requested = list(modules_to_not_convert or ())
+    _check_skip_patterns(requested)
+    config_file = src / "config.json"
+    recorded = _read_json(config_file)
     try:
         config = AutoConfig.from_pretrained(src, local_files_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot read the model config in {src}: {error}") from error
+        if "model_type" not in recorded:
+            raise CheckpointError(f'{config_file} has no model_type (such as "llama"); {_RESAVE}') from None
+        raise CheckpointError(f"cannot read the model config in {src}: {_first_line(error)}") from None
     model = _meta_model(config, src)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     tied |= set((getattr(model, "all_tied_weights_keys", {}) or {}).values())
     skips = list(
         dict.fromkeys(
-            list(modules_to_not_convert or ())
+            requested
             + sorted(name.removesuffix(".weight") for name in tied)
             + sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
         )
     )
-    names = {
-        f"{name}.weight"
+    linears = {
+        name: module
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and should_convert_module(name, skips)
     }
-    if not names:
+    if not linears:
         raise CheckpointError(f"the model in {src} has no nn.Linear layer left to quantize (skipping {skips})")
-    return names, skips
+    for name, module in linears.items():
+        if module.weight.numel() == 0:
+            raise CheckpointError(
+                f"{config_file} gives layer {name} an empty weight {list(module.weight.shape)}, which cannot be "
+                f"quantized; fix config.json, or keep it in float by adding {name.rsplit('.', 1)[-1]} to --skip"
+            )
+    shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict(keep_vars=True).items()}
+    return _Plan({f"{name}.weight" for name in linears}, skips, shapes)
+
+
+def _check_skip_patterns(patterns: list) -> None:
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise CheckpointError(f"modules to keep in float must be names or patterns (strings), got {pattern!r}")
+        try:
+            # The form transformers matches module names with.
+            re.compile(rf"(?:{pattern})")
+        except re.error as error:
+            raise CheckpointError(
+                f"skip pattern {pattern!r} is not a valid regular expression ({error.msg}); "
+                "escape characters such as ( [ * + ? with a backslash, or pass the plain module name"
+            ) from None
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _meta_model(config, src: Path) -> torch.nn.Module:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        try:
-            return AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            pass
-        for architecture in getattr(config, "architectures", None) or ():
-            model_class = getattr(transformers, architecture, None)
-            if model_class is not None:
-                return model_class(config)
-    raise CheckpointError(
-        f"transformers cannot build the model described by {src / 'config.json'} "
-        f"(model_type {getattr(config, 'model_type', None)!r}, architectures {getattr(config, 'architectures', None)})"
+    described = (
+        f"the model described by {src / 'config.json'} (model_type {getattr(config, 'model_type', None)!r}, "
+        f"architectures {getattr(config, 'architectures', None)})"
     )
+    try:
+        with torch.device("meta"):
+            try:
+                return AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                pass
+            for architecture in getattr(config, "architectures", None) or ():
+                model_class = getattr(transformers, architecture, None)
+                if model_class is not None:
+                    return model_class(config)
+    except Exception as error:
+        # Settings the architecture cannot use (a negative size, heads that do not divide the width, ...).
+        raise CheckpointError(f"transformers cannot build {described}: {_first_line(error)}; fix config.json") from None
+    raise CheckpointError(f"transformers cannot build {described}")
 
 
 def _source_shards(src: Path) -> tuple[list[str], dict | None]:
@@ -186,8 +251,21 @@ def _source_shards(src: Path) -> tuple[list[str], dict | None]:
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json; point SRC at a transformers model folder")
     if (src / INDEX_FILE).is_file():
-        index = json.loads((src / INDEX_FILE).read_text())
-        shards = sorted(set(index.get("weight_map", {}).values()))
+        index = _read_json(src / INDEX_FILE)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{src / INDEX_FILE} has no weight_map object from tensor names to shard files; {_RESAVE}"
+            )
+        shards = sorted(set(weight_map.values()))
+        # Shard names become output file names too: only plain .safetensors names inside the folder.
+        odd = [shard for shard in shards if Path(shard).name != shard or not shard.endswith(".safetensors")]
+        if odd:
+            raise CheckpointError(
+                f"{src / INDEX_FILE} lists {odd[0]!r}, which is not a .safetensors file name in {src}; {_RESAVE}"
+            )
         absent = [shard for shard in shards if not (src / shard).is_file()]
         if not shards or absent:
             raise CheckpointError(f"{src / INDEX_FILE} lists shard files that are missing: {absent or 'none listed'}")
@@ -214,8 +292,65 @@ def _check_destination(src: Path, out: Path, overwrite: bool) -> None:
         raise CheckpointError(f"the parent folder of {out} does not exist")
 
 
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``, or a CheckpointError saying why it is unusable."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}); restore it from the original model"
+        ) from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text; restore it from the original model") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(
+            f"{path} should hold a JSON object, not a {type(value).__name__}; restore it from the original model"
+        )
+    return value
+
+
+def _open_safetensors(path: Path):
+    """``safe_open(path)``, or a CheckpointError for an empty, truncated or corrupt file."""
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path} is empty (0 bytes); {_RESAVE}")
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({_first_line(error)}): it is truncated or corrupt; {_RESAVE}"
+        ) from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _check_shards(src: Path, shards: list[str], plan: _Plan) -> None:
+    """Refuse unreadable shards and tensors that do not fit the model config.json describes (headers only)."""
+    mismatched: list[str] = []
+    for shard in shards:
+        with _open_safetensors(src / shard) as handle:
+            for key in handle.keys():
+                view = handle.get_slice(key)
+                shape, dtype = tuple(view.get_shape()), view.get_dtype()
+                expected = plan.shapes.get(key)
+                if expected is not None and shape != expected:
+                    mismatched.append(f"{shard}: {key} has shape {list(shape)}, config.json implies {list(expected)}")
+                elif key in plan.linear_weights and dtype not in _QUANTIZABLE_DTYPES:
+                    raise CheckpointError(
+                        f"{shard}: {key} is {dtype}; only {', '.join(_QUANTIZABLE_DTYPES.values())} "
+                        "nn.Linear weights can be quantized: save the model in one of them"
+                    )
+    if mismatched:
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise CheckpointError(
+            f"{mismatched[0]}{more}: the weights do not belong to {src / 'config.json'}; "
+            "use the config.json that was saved with these weights"
+        )
+
+
 def _read_config(src: Path) -> dict:
-    config = json.loads((src / "config.json").read_text())
+    config = _read_json(src / "config.json")
     existing = config.get("quantization_config")
     if existing:
         method = existing.get("quant_method") if isinstance(existing, dict) else existing
@@ -239,39 +374,59 @@ def _convert_shards(
     total_bytes = sum((src / shard).stat().st_size for shard in shards)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantizing", disable=not progress)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
-        for shard in shards:
-            output: dict[str, torch.Tensor] = {}
-            in_flight: deque = deque()
-            with safe_open(str(src / shard), framework="pt") as handle:
-                for key in handle.keys():
-                    # Tensors are read here, in order; quantizing runs in the workers (torch releases the GIL).
-                    tensor = handle.get_tensor(key)
-                    size = tensor.numel() * tensor.element_size()
-                    totals["parameters"] += tensor.numel()
-                    totals["bytes_before"] += size
-                    if key in linear_weights:
-                        _check_linear_weight(shard, key, tensor)
-                        totals["quantized_parameters"] += tensor.numel()
-                        found.add(key)
-                        in_flight.append((size, pool.submit(_quantize_tensor, key, tensor, layout)))
-                    else:
-                        output[key] = tensor
-                        bar.update(size)
-                    del tensor
-                    # A bounded queue keeps memory near one shard however far reading runs ahead.
-                    while len(in_flight) > 2 * workers:
-                        _finish_oldest(in_flight, output, bar)
-                while in_flight:
-                    _finish_oldest(in_flight, output, bar)
-            output = dict(sorted(output.items()))
-            for key, tensor in output.items():
-                weight_map[key] = shard
-                totals["bytes_after"] += tensor.numel() * tensor.element_size()
-            save_file(output, str(staging / shard), metadata={"format": "pt", METADATA_KEY: layout})
-            del output
+        try:
+            for shard in shards:
+                output = _convert_shard(src, shard, linear_weights, layout, pool, workers, bar, totals, found)
+                for key, tensor in output.items():
+                    weight_map[key] = shard
+                    totals["bytes_after"] += tensor.numel() * tensor.element_size()
+                save_file(output, str(staging / shard), metadata={"format": "pt", METADATA_KEY: layout})
+                del output
+        except BaseException:
+            # Ctrl-C or a bad tensor: drop the queued weights rather than quantize them for nothing.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     totals["weight_map"] = dict(sorted(weight_map.items()))
     totals["found"] = found
     return totals
+
+
+def _convert_shard(
+    src: Path,
+    shard: str,
+    linear_weights: set[str],
+    layout: str,
+    pool: ThreadPoolExecutor,
+    workers: int,
+    bar,
+    totals: dict,
+    found: set[str],
+) -> dict[str, torch.Tensor]:
+    """The output tensors of one shard, sorted by name: linear weights quantized, everything else as it was."""
+    output: dict[str, torch.Tensor] = {}
+    in_flight: deque = deque()
+    with _open_safetensors(src / shard) as handle:
+        for key in handle.keys():
+            # Tensors are read here, in order; quantizing runs in the workers (torch releases the GIL).
+            tensor = handle.get_tensor(key)
+            size = tensor.numel() * tensor.element_size()
+            totals["parameters"] += tensor.numel()
+            totals["bytes_before"] += size
+            if key in linear_weights:
+                _check_linear_weight(shard, key, tensor)
+                totals["quantized_parameters"] += tensor.numel()
+                found.add(key)
+                in_flight.append((size, pool.submit(_quantize_tensor, key, tensor, layout)))
+            else:
+                output[key] = tensor
+                bar.update(size)
+            del tensor
+            # A bounded queue keeps memory near one shard however far reading runs ahead.
+            while len(in_flight) > 2 * workers:
+                _finish_oldest(in_flight, output, bar)
+        while in_flight:
+            _finish_oldest(in_flight, output, bar)
+    return dict(sorted(output.items()))
 
 
 def _finish_oldest(in_flight: deque, output: dict, bar) -> None:
@@ -281,15 +436,20 @@ def _finish_oldest(in_flight: deque, output: dict, bar) -> None:
 
 
 def _check_linear_weight(shard: str, key: str, tensor: torch.Tensor) -> None:
-    if tensor.dim() != 2 or not tensor.is_floating_point():
+    if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.numel() == 0:
         raise CheckpointError(
-            f"{shard}: {key} should be a float 2-D nn.Linear weight, got {tensor.dtype} {list(tensor.shape)}"
+            f"{shard}: {key} should be a non-empty float 2-D nn.Linear weight, got {tensor.dtype} {list(tensor.shape)}"
         )
 
 
 def _quantize_tensor(key: str, weight: torch.Tensor, layout: str) -> dict[str, torch.Tensor]:
-    q, scales = quantize_weight(weight, name=key.removesuffix(".weight"))
-    packed = pack_weight(q, resolve_layout(layout, *q.shape), name=key.removesuffix(".weight"))
+    name = key.removesuffix(".weight")
+    try:
+        q, scales = quantize_weight(weight, name=name)
+    except ValueError as error:
+        # Weights EETQ cannot represent (inf/NaN, out of range): say which layer, and how to keep it in float.
+        raise CheckpointError(f"{error}, or keep it in float by adding {name} to --skip") from None
+    packed = pack_weight(q, resolve_layout(layout, *q.shape), name=name)
     return {key: packed, key + "_scales": scales}
 
 
