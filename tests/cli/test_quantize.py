@@ -60,6 +60,7 @@ def test_quantize_writes_a_loadable_eetq_folder(tmp_path, capsys):
     assert run_cli(src, out) == 0
     printed = capsys.readouterr().out
     assert "parameters: " in printed and "bytes: " in printed and "time: " in printed and "parameters/s" in printed
+    assert f"load it: import eetq_lora, then AutoModelForCausalLM.from_pretrained({str(out)!r})" in printed
 
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == {

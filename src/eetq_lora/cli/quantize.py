@@ -87,4 +87,8 @@ def run(args: argparse.Namespace) -> int:
         )
     elif report.layout == "plain":
         print("note: stock EETQ cannot read plain-layout checkpoints; eetq_lora reads them anywhere")
+    print(
+        f"load it: import eetq_lora, then AutoModelForCausalLM.from_pretrained({str(args.out)!r}); without the "
+        "import, transformers' own EETQ loader asks for a CUDA GPU and the 'kernels' package"
+    )
     return EXIT_OK
