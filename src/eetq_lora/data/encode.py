@@ -1,4 +1,4 @@
-"""Turn examples into token ids with loss labels, and pad them into batches."""
+"""Turn examples into token ids with loss labels (the assistant turns only), and pad them into batches."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .examples import Example
+from ..errors import DataError
+from .examples import Example, Message
 
 IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One tokenized example: ``labels`` is ``input_ids`` with the prompt part set to IGNORE_INDEX."""
+    """One tokenized example: ``labels`` is ``input_ids`` with every token that is not learned set to IGNORE_INDEX."""
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
@@ -22,9 +23,10 @@ class Encoded:
 
 
 class PromptFormat:
-    """How a prompt is written for a tokenizer: its chat template when it has one, else ``Question:/Answer:``.
+    """How examples are written for a tokenizer: its chat template when it has one, else ``Question:/Answer:``.
 
     Training and generation share it, so ``prompt_ids(p)`` is always a prefix of ``encode(Example(p, r))``.
+    Only the assistant turns are learned (with the end of each turn); plain texts are learned whole.
     """
 
     def __init__(self, tokenizer) -> None:
@@ -36,39 +38,82 @@ class PromptFormat:
     def _ids(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def _chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def _render(self, messages: Sequence[Message], add_generation_prompt: bool, where: str = "") -> str:
+        from jinja2 import TemplateError
+
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except (TemplateError, ValueError, TypeError, IndexError, KeyError) as error:
+            raise DataError(
+                f"{where or 'an example'}: the tokenizer's chat template refused this conversation ({error}); "
+                "change the conversation to a form the model's template accepts"
+            ) from None
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The ids a response to ``prompt`` follows (what generation starts from)."""
         if self.uses_chat_template:
-            return self._ids(self._chat([{"role": "user", "content": prompt}], True), special=False)
+            return self._ids(self._render([Message("user", prompt)], True), special=False)
         return self._ids(f"Question: {prompt}\nAnswer:", special=True)
 
-    def response_ids(self, prompt: str, response: str) -> list[int]:
-        """The ids the model learns after ``prompt_ids(prompt)``, ending with the end-of-answer token."""
+    def _prefix_length(self, ids: list[int], messages: Sequence[Message], generation: bool, where: str) -> int:
+        head = self._ids(self._render(messages, generation, where), special=False)
+        if ids[: len(head)] != head:
+            raise DataError(
+                f"{where or 'an example'}: the tokenizer's chat template is not prefix-stable (the first "
+                f"{len(messages)} message(s) do not render and tokenize as the start of the whole conversation), "
+                "so the assistant's tokens cannot be found; use a model whose template keeps earlier turns as they are"
+            )
+        return len(head)
+
+    def _chat_ids(self, messages: Sequence[Message], where: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids = self._ids(self._render(messages, False, where), special=False)
+        spans = []
+        for index, message in enumerate(messages):
+            if message.role != "assistant":
+                continue
+            # An answer is what the conversation up to it gains over the prompt that asks for it,
+            # including the template's end of turn.
+            start = self._prefix_length(ids, messages[:index], True, where)
+            last = index == len(messages) - 1
+            end = len(ids) if last else self._prefix_length(ids, messages[: index + 1], False, where)
+            spans.append((start, end))
+        return ids, spans
+
+    def _plain_ids(self, messages: Sequence[Message]) -> tuple[list[int], list[tuple[int, int]]]:
+        # Turn by turn, as prompt_ids writes one question: a chat of one question and one answer
+        # gets exactly the ids of that pair.
+        ids: list[int] = []
+        spans = []
+        for message in messages:
+            first = not ids
+            if message.role == "assistant":
+                piece = self._ids(" " + message.content, special=first) + [self.tokenizer.eos_token_id]
+                spans.append((len(ids), len(ids) + len(piece)))
+            elif message.role == "user":
+                piece = self._ids(f"Question: {message.content}\nAnswer:", special=first)
+            else:
+                piece = self._ids(f"{message.content}\n", special=first)
+            ids += piece
+        return ids, spans
+
+    def token_spans(self, example: Example) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of the whole example and the ``[start, end)`` ranges of them that are learned."""
+        if example.is_text:
+            ids = self._ids(example.response, special=True) + [self.tokenizer.eos_token_id]
+            return ids, [(0, len(ids))]
         if self.uses_chat_template:
-            user = [{"role": "user", "content": prompt}]
-            head = self._chat(user, True)
-            full = self._chat(user + [{"role": "assistant", "content": response}], False)
-            if full.startswith(head):
-                # The template's own answer ending (e.g. "<|im_end|>\n") is learned with the answer.
-                return self._ids(full[len(head) :], special=False)
-        return self._ids(" " + response, special=False) + [self.tokenizer.eos_token_id]
+            return self._chat_ids(example.conversation(), example.where)
+        return self._plain_ids(example.conversation())
 
     def encode(self, example: Example, max_seq_len: int) -> Encoded | None:
-        """Token ids and labels, cut to ``max_seq_len``; None if the prompt leaves no room for an answer token."""
-        if example.is_text:
-            prompt: list[int] = []
-            answer = self._ids(example.response, special=True) + [self.tokenizer.eos_token_id]
-        else:
-            prompt = self.prompt_ids(example.prompt)
-            answer = self.response_ids(example.prompt, example.response)
-        if len(prompt) >= max_seq_len:
-            return None
-        ids = (prompt + answer)[:max_seq_len]
-        labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
-        return Encoded(tuple(ids), tuple(labels), truncated=len(prompt) + len(answer) > max_seq_len)
+        """Token ids and labels, cut to ``max_seq_len``; None if no learned token is left after the cut."""
+        ids, spans = self.token_spans(example)
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in spans:
+            labels[start:end] = ids[start:end]
+        encoded = Encoded(tuple(ids[:max_seq_len]), tuple(labels[:max_seq_len]), truncated=len(ids) > max_seq_len)
+        return encoded if supervised_tokens(encoded) else None
 
 
 @dataclass(frozen=True)
@@ -82,7 +127,7 @@ class EncodedSet:
 
 
 def encode_examples(fmt: PromptFormat, examples: Sequence[Example], max_seq_len: int) -> EncodedSet:
-    """Encode every example; too-long prompts are dropped, too-long answers cut (both are counted)."""
+    """Encode every example; too-long ones are cut, and dropped if no learned token is left (both are counted)."""
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     items, dropped = [], 0

@@ -1,4 +1,5 @@
-"""A fixed train / held-out split that does not depend on the seed or on the order of the data."""
+"""The train / held-out split: a fixed one that does not depend on the seed or the data's order, or a separate
+held-out set."""
 
 from __future__ import annotations
 
@@ -13,14 +14,27 @@ HELD_OUT_FRACTION = 0.1
 
 @dataclass(frozen=True)
 class Split:
+    """``held_out_source`` names a separate held-out set (None for a split of the training data);
+    ``overlap`` counts the training examples left out because that set has their prompt."""
+
     train: tuple[Example, ...]
     held_out: tuple[Example, ...]
+    overlap: int = 0
+    held_out_source: str | None = None
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.casefold().split())
 
 
 def group_key(example: Example) -> str:
-    """Examples with the same prompt (or, for plain text, the same text) always land on the same side."""
-    text = example.prompt or example.response
-    return " ".join(text.casefold().split())
+    """Examples with the same prompt (for a chat: the same user turns; for plain text: the same text)
+    always land on the same side."""
+    if example.is_chat:
+        users = [_normal(m.content) for m in example.messages if m.role == "user"]
+        if users:
+            return "\x00".join(users)
+    return _normal(example.prompt or example.response)
 
 
 def _position(key: str) -> float:
@@ -53,3 +67,21 @@ def split_dataset(dataset: Dataset, fraction: float = HELD_OUT_FRACTION) -> Spli
         sorted((e for e in dataset.examples if group_key(e) in held_keys), key=lambda e: positions[group_key(e)])
     )
     return Split(train, held_out)
+
+
+def training_split(dataset: Dataset, held_out: Dataset | None = None, fraction: float = HELD_OUT_FRACTION) -> Split:
+    """Train on ``dataset`` and score on ``held_out`` when it is given, else the fixed split of ``dataset``.
+
+    With a separate held-out set, training examples that share a prompt with it are left out (and
+    counted), so that held-out scores measure prompts the model has not trained on.
+    """
+    if held_out is None:
+        return split_dataset(dataset, fraction)
+    held_keys = {group_key(e) for e in held_out.examples}
+    train = tuple(e for e in dataset.examples if group_key(e) not in held_keys)
+    if not train:
+        raise DataError(
+            f"every example of {dataset.source} has a prompt that is also in the held-out data {held_out.source}; "
+            "pass training data with other prompts, or leave --eval-data out to hold out part of the training data"
+        )
+    return Split(train, held_out.examples, overlap=len(dataset) - len(train), held_out_source=held_out.source)
