@@ -112,7 +112,13 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Storage bytes of a tensor, looking inside quantized tensor subclasses and bitsandbytes' SCB."""
+    """Storage bytes of a tensor, looking inside quantized tensor subclasses and bitsandbytes' SCB.
+
+    A DTensor (FSDP2) counts its local shard: the bytes this process holds.
+    """
+    to_local = getattr(tensor, "to_local", None)
+    if callable(to_local):
+        return tensor_bytes(to_local())
     if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         names, _ = tensor.__tensor_flatten__()
         return sum(tensor_bytes(getattr(tensor, name)) for name in names)
