@@ -86,11 +86,12 @@ def runs(tmp_path_factory, tiny_model, qa_file):
     fsdp = root / "fsdp"
     interrupted = torchrun(*tiny_args(tiny_model, qa_file, fsdp, "--batch-size", "2", "--fsdp"), script=script)
     assert "Interrupted at step 2/4" in interrupted.stderr, interrupted.stderr[-3000:]
+    staged = root / ".fsdp.partial" / "checkpoint"  # OUT itself appears only once the run has finished
     checkpoint = {
-        "state": json.loads((fsdp / "checkpoint" / "state.json").read_text()),
-        "files": sorted(path.name for path in (fsdp / "checkpoint").iterdir()),
-        "shards": sorted(path.name for path in (fsdp / "checkpoint" / "training_state").iterdir()),
-        "metrics_written": (fsdp / "metrics.json").exists(),
+        "state": json.loads((staged / "state.json").read_text()),
+        "files": sorted(path.name for path in staged.iterdir()),
+        "shards": sorted(path.name for path in (staged / "training_state").iterdir()),
+        "metrics_written": fsdp.exists(),
     }
     resumed = torchrun("finetune", "--out", str(fsdp), "--resume")  # --fsdp comes from the saved run
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -156,6 +157,7 @@ def test_interrupted_sharded_run_checkpoints_shards_and_resumes(runs):
     assert checkpoint["shards"] == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per process
     assert not checkpoint["metrics_written"]
     assert metrics_of(runs["fsdp"])["runtime"]["resumed"] is True
+    assert not (runs["fsdp"].parent / ".fsdp.partial").exists()  # moved onto OUT when the resumed run finished
     assert "Resuming at step 2/4" in runs["resumed"].stderr
     # The resumed run's results are the ones compared with DDP and one process above: had the
     # optimizer state or the adapter not come back, steps 3-4 would not match.

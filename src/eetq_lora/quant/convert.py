@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from ..files import publish_folder
+from ..files import FolderLock, find_leftovers, publish_folder, remove_path, restore_replaced
 from .layout import DEFAULT_LAYOUT, METADATA_KEY, check_layout, pack_weight, resolve_layout
 from .quantize import quantize_weight
 
@@ -126,7 +126,13 @@ def quantize_checkpoint(
         _copy_other_files(src, staging)
 
     try:
-        publish_folder(build, out, if_exists="replace" if overwrite else "error")
+        # One writer per OUT; put back an OUT that a kill mid-swap left hidden, and drop killed builds.
+        with FolderLock(out, "another eetq-lora quantize", "wait for it to finish, or pass a different OUT"):
+            restore_replaced(out)
+            for leftover in find_leftovers(out.parent, out.name):
+                remove_path(leftover)
+            _check_destination(src, out, overwrite)
+            publish_folder(build, out, if_exists="replace" if overwrite else "error")
     except FileExistsError as error:
         raise CheckpointError(str(error)) from None
     except OSError as error:

@@ -1,9 +1,16 @@
-"""Resumable training state in OUT/checkpoint: adapter, optimizer, RNG and progress, published atomically.
+"""Where a fine-tuning run keeps its files until it finishes, and its resumable training state.
 
-One process or DDP: rank 0 writes the adapter, ``optimizer.pt`` and ``rng.pt``. A model sharded
-with FSDP2: every process writes its shards of the trainable tensors, the optimizer state and its
-own RNG into ``training_state/`` (``torch.distributed.checkpoint``), and the adapter is gathered
-into the same PEFT files.
+A run never writes its output folder OUT while it trains. It works in a staging folder, the hidden
+``.NAME.partial`` next to OUT, which appears with the run's first checkpoint (``run_config.json``
+and ``checkpoint/``, published together) and is moved onto OUT in one folder swap once the run has
+written everything. A run killed or stopped before then leaves OUT as it was and its staging
+folder resumable.
+
+``checkpoint/`` holds the adapter, optimizer, RNG and progress, published atomically. One process
+or DDP: rank 0 writes the adapter, ``optimizer.pt`` and ``rng.pt``. A model sharded with FSDP2:
+every process writes its shards of the trainable tensors, the optimizer state and its own RNG into
+``training_state/`` (``torch.distributed.checkpoint``), and the adapter is gathered into the same
+PEFT files.
 """
 
 from __future__ import annotations
@@ -18,67 +25,118 @@ from ..files import publish_folder
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 SHARDED_STATE_DIR = "training_state"
+RUN_CONFIG = "run_config.json"
+STAGING_SUFFIX = ".partial"
 
 
-def checkpoint_path(out: Path) -> Path:
-    return Path(out) / CHECKPOINT_DIR
+def staging_path(out: Path) -> Path:
+    """The staging folder of the runs that write ``out``: ``.NAME.partial`` next to it."""
+    out = Path(out)
+    return out.parent / f".{out.name}{STAGING_SUFFIX}"
 
 
-def save_checkpoint(out: Path, peft_model, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-    """Write the checkpoint to a temporary folder and swap it in: a crash never leaves a half checkpoint."""
+def checkpoint_path(run_folder: Path) -> Path:
+    return Path(run_folder) / CHECKPOINT_DIR
 
-    def build(folder: Path) -> None:
+
+def is_resumable(run_folder: Path) -> bool:
+    """Whether ``run_folder`` holds a run's settings and a checkpoint to continue it from."""
+    return (Path(run_folder) / RUN_CONFIG).is_file() and (checkpoint_path(run_folder) / STATE_FILE).is_file()
+
+
+def find_resumable(out: Path) -> Path | None:
+    """The folder ``--resume`` continues for ``out``: its staging folder, else ``out`` itself, else None."""
+    for folder in (staging_path(out), Path(out)):
+        if is_resumable(folder):
+            return folder
+    return None
+
+
+def _write_state(folder: Path, state: dict) -> None:
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _publish(fill, run_folder: Path, run_record: dict | None, publish) -> Path:
+    """Publish ``run_folder/checkpoint`` filled by ``fill(folder)``; with ``run_record``, ``run_folder`` itself."""
+    if run_record is None:
+        return publish(fill, checkpoint_path(run_folder))
+
+    def fill_run(folder: Path) -> None:
+        if _rank() == 0:
+            (folder / RUN_CONFIG).write_text(json.dumps(run_record, indent=2) + "\n")
+        fill(checkpoint_path(folder))
+
+    return publish(fill_run, Path(run_folder))
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def save_checkpoint(
+    run_folder: Path, peft_model, optimizer: torch.optim.Optimizer, state: dict, run_record: dict | None = None
+) -> Path:
+    """Replace ``run_folder/checkpoint`` whole: a crash never leaves a half checkpoint.
+
+    ``run_record`` marks a run's first checkpoint: ``run_folder`` is then published with the record
+    as ``run_config.json`` and the checkpoint in one step, so it never exists without either.
+    """
+
+    def fill(folder: Path) -> None:
+        folder.mkdir(exist_ok=True)
         peft_model.save_pretrained(folder)
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, folder / "rng.pt")
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        _write_state(folder, state)
 
-    return publish_folder(build, checkpoint_path(out), if_exists="replace")
+    return _publish(fill, run_folder, run_record, lambda build, dest: publish_folder(build, dest, if_exists="replace"))
 
 
-def save_sharded_checkpoint(out: Path, peft_model, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+def save_sharded_checkpoint(
+    run_folder: Path, peft_model, optimizer: torch.optim.Optimizer, state: dict, run_record: dict | None = None
+) -> Path:
     """``save_checkpoint`` for a model sharded over the processes; every process calls it."""
-    import torch.distributed as dist
-
     from ..parallel.checkpoint import publish_folder_together, save_sharded_adapter, write_training_state
 
-    def build(folder: Path) -> None:
+    def fill(folder: Path) -> None:
         save_sharded_adapter(peft_model, folder)
         write_training_state(folder / SHARDED_STATE_DIR, peft_model, optimizer)
-        if dist.get_rank() == 0:
-            (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        if _rank() == 0:
+            _write_state(folder, state)
 
-    return publish_folder_together(build, checkpoint_path(out))
+    return _publish(fill, run_folder, run_record, publish_folder_together)
 
 
-def restore_sharded_state(out: Path, peft_model, optimizer: torch.optim.Optimizer) -> None:
+def restore_sharded_state(run_folder: Path, peft_model, optimizer: torch.optim.Optimizer) -> None:
     """Load the trainable tensors, optimizer and this process's RNG saved by ``save_sharded_checkpoint``."""
     from ..errors import UserError
     from ..parallel.checkpoint import load_training_state
 
-    folder = checkpoint_path(out) / SHARDED_STATE_DIR
+    folder = checkpoint_path(run_folder) / SHARDED_STATE_DIR
     if not folder.is_dir():
         raise UserError(
-            f"{checkpoint_path(out)} was saved by a run without --fsdp (it has no {SHARDED_STATE_DIR}/); "
+            f"{checkpoint_path(run_folder)} was saved by a run without --fsdp (it has no {SHARDED_STATE_DIR}/); "
             "resume it without --fsdp"
         )
     load_training_state(folder, peft_model, optimizer)
 
 
-def read_state(out: Path) -> dict | None:
-    """The progress record of OUT's checkpoint, or None if there is none."""
-    path = checkpoint_path(out) / STATE_FILE
+def read_state(run_folder: Path) -> dict | None:
+    """The progress record of the checkpoint in ``run_folder``, or None if there is none."""
+    path = checkpoint_path(run_folder) / STATE_FILE
     if not path.is_file():
         return None
     return json.loads(path.read_text())
 
 
-def restore_optimizer_and_rng(out: Path, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+def restore_optimizer_and_rng(run_folder: Path, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Load the optimizer and RNG states saved by ``save_checkpoint`` (tensors only: weights_only=True)."""
-    folder = checkpoint_path(out)
+    folder = checkpoint_path(run_folder)
     state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(state)
     rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)

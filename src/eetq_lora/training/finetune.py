@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import shutil
@@ -22,20 +23,34 @@ from ..data import (
     collate,
     encode_examples,
     load_dataset,
-    split_dataset,
+    load_eval_dataset,
     supervised_tokens,
+    training_split,
 )
 from ..errors import DataError, UserError
-from ..files import public_file_mode, write_json_atomic
+from ..files import (
+    FolderLock,
+    disk_size,
+    find_leftovers,
+    format_size,
+    public_file_mode,
+    remove_path,
+    replace_folder,
+    restore_replaced,
+    write_json_atomic,
+)
 from ..models import check_model_spec, default_device, load_quantized, resolve_dtype, resolve_model
 from .checkpoint import (
     CHECKPOINT_DIR,
+    RUN_CONFIG,
     checkpoint_path,
+    find_resumable,
     read_state,
     restore_optimizer_and_rng,
     restore_sharded_state,
     save_checkpoint,
     save_sharded_checkpoint,
+    staging_path,
 )
 from .config import FinetuneConfig, target_module_list
 from .distributed import DistContext, check_sharding_possible, context_from_env, init_distributed, shutdown_distributed
@@ -48,7 +63,6 @@ from .progress import ProgressBar
 from .recompute import recompute_cheap_ops
 from .schedule import BatchSchedule, micro_batches
 
-RUN_CONFIG = "run_config.json"
 METRICS = "metrics.json"
 LOSS_PLOT = "loss.png"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -61,7 +75,8 @@ Log = Callable[[str], None]
 
 @dataclass
 class FinetuneOutcome:
-    """``status`` is "finished" or "interrupted"; ``metrics`` is what metrics.json holds (finished runs)."""
+    """``status`` is "finished" or "interrupted"; ``metrics`` is what metrics.json holds (finished runs);
+    ``checkpoint`` is the folder an interrupted run resumes from."""
 
     status: str
     step: int
@@ -69,45 +84,186 @@ class FinetuneOutcome:
     out: Path
     metrics: dict | None = None
     is_main: bool = True
+    checkpoint: Path | None = None
+
+
+class TrainingDiverged(UserError):
+    """The training loss or gradient turned NaN or infinite; the run stopped before applying that step."""
+
+
+class RunAborted(KeyboardInterrupt):
+    """Ctrl-C stopped the run at once (not at a step boundary) after it had saved a checkpoint."""
+
+    def __init__(self, checkpoint: Path, step: int) -> None:
+        super().__init__(f"aborted; the last checkpoint (step {step}) is in {checkpoint}")
+        self.checkpoint = checkpoint
+        self.step = step
+
+
+class _NonFinite(Exception):
+    def __init__(self, what: str, value: float) -> None:
+        super().__init__(f"the {what} is {value}")
+
+
+@dataclass
+class _Saved:
+    """The step of the last checkpoint in the run's staging folder (None: this run has saved nothing)."""
+
+    staging: Path
+    step: int | None = None
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def check_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing output folder; check that a resume has something to resume."""
+def output_folder(out: str | os.PathLike) -> Path:
+    """``--out`` as a path whose last part names the folder (a link to a folder is followed, since the
+    folder is replaced whole); refuse the root and the current folder."""
+    path = Path(os.path.normpath(os.path.expanduser(os.fspath(out))))
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.name in ("", ".", ".."):
+        path = Path(os.path.abspath(path))
+    if not path.name:
+        raise UserError(f"--out {out} is the root folder; pass a folder for the results, such as runs/finetune")
+    here = Path.cwd().resolve()
+    target = path.resolve()
+    if target == here or target in here.parents:
+        raise UserError(
+            f"--out {out} is the current folder or holds it, but the results replace --out as a whole folder; "
+            "pass a subfolder, such as runs/finetune"
+        )
+    return path
+
+
+def tidy_output(out: Path, log: Log) -> None:
+    """Undo what a killed run left behind around ``out``; call it holding ``out``'s lock.
+
+    A run killed in the middle of replacing ``out`` may have left it missing with the old copy
+    hidden next to it: that copy is put back. Hidden temporary files and folders of killed writes
+    (next to ``out``, in it and in its staging folder) are removed, one line each.
+    """
+    restored = restore_replaced(out)
+    if restored is not None:
+        log(f"Restored {out} from {restored.name}, where a run killed while replacing it had left it")
+    staging = staging_path(out)
+    leftovers = [*find_leftovers(out.parent, out.name), *find_leftovers(out.parent, staging.name)]
+    for folder in (out, staging):
+        if folder.is_dir() and not folder.is_symlink():
+            leftovers += find_leftovers(folder)
+            # PEFT adapters are saved through a tempfile folder named .adapter.XXXXXXXX.
+            leftovers += find_leftovers(folder, "adapter", ("",))
+    for path in leftovers:
+        size = disk_size(path)
+        remove_path(path)
+        log(f"Removed {path} ({format_size(size)}), left by an interrupted run")
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to clobber an existing output folder or an unfinished run; for a resume, return the folder
+    it continues (the staging folder, else ``out``). Call it holding ``out``'s lock."""
     if resume:
         if overwrite:
             raise UserError("--resume continues the run saved in --out and --overwrite replaces it; pass only one")
-        if not (out / RUN_CONFIG).is_file() or read_state(out) is None:
-            raise UserError(
-                f"nothing to resume in {out}: it has no {RUN_CONFIG} and {CHECKPOINT_DIR}/ from an earlier run"
-            )
-        return
+        source = find_resumable(out)
+        if source is None:
+            raise _nothing_to_resume(out)
+        return source
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder path")
+    staging = staging_path(out)
+    if staging.exists() and not overwrite:
+        state = read_state(staging)
+        progress = f" at step {state['step']}" if state else ""
+        raise UserError(
+            f"an unfinished run for {out} is saved in {staging}{progress}; pass --resume to continue it, "
+            "--overwrite to start again (it is replaced once the new run saves a checkpoint), or a different --out"
+        )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(
             f"output folder {out} already exists and is not empty; pass --overwrite to replace its results, "
             f"--resume to continue the run saved there, or a different --out"
         )
+    return None
 
 
-def clear_outputs(out: Path) -> None:
-    """Remove the files an earlier run wrote in ``out`` (and nothing else), for --overwrite."""
-    for name in OUTPUT_NAMES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def _nothing_to_resume(out: Path) -> UserError:
+    return UserError(
+        f"nothing to resume for {out}: neither it nor {staging_path(out)} holds {RUN_CONFIG} and "
+        f"{CHECKPOINT_DIR}/ from an earlier run"
+    )
 
 
-def load_run_config(out: Path) -> FinetuneConfig:
+def _carry(source: Path, destination: Path) -> None:
+    """Copy a file, link or folder, hard-linking files where the filesystem allows (no bytes copied)."""
+
+    def link_or_copy(src, dst) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_symlink():
+        os.symlink(os.readlink(source), destination)
+    elif source.is_dir():
+        shutil.copytree(source, destination, symlinks=True, copy_function=link_or_copy)
+    else:
+        link_or_copy(source, destination)
+
+
+def publish_results(staging: Path, out: Path) -> None:
+    """Make the finished run in ``staging`` the folder ``out`` in one swap.
+
+    Files of ``out`` that no run writes (notes of your own, say) are carried over first, so only
+    our results are replaced. Killed at any point, ``out`` holds the old results or the new ones
+    (or, between the two renames, is restored by the next run's ``tidy_output``).
+    """
+    if out.is_dir():
+        for entry in out.iterdir():
+            if entry.name not in OUTPUT_NAMES and not (staging / entry.name).exists():
+                _carry(entry, staging / entry.name)
+    try:
+        replace_folder(staging, out)
+    except OSError as error:
+        raise UserError(
+            f"could not move the finished run from {staging} to {out} ({error}); {out} is as it was, and "
+            "--resume moves it once the problem is fixed"
+        ) from None
+
+
+def load_run_config(folder: Path) -> FinetuneConfig:
+    """The settings saved in ``folder``'s run_config.json."""
     import json
 
-    return FinetuneConfig.from_dict(json.loads((out / RUN_CONFIG).read_text())["settings"])
+    return FinetuneConfig.from_dict(json.loads((folder / RUN_CONFIG).read_text())["settings"])
+
+
+def _on_main(context: DistContext, decide: Callable[[], object]) -> object:
+    """Run ``decide()`` on rank 0 only and return its result on every process; its UserError is raised on all."""
+    if not context.enabled:
+        return decide()
+    import torch.distributed as dist
+
+    box: list = [None]
+    error: UserError | None = None
+    if context.is_main:
+        try:
+            box[0] = ("ok", decide())
+        except UserError as caught:
+            error = caught
+            box[0] = ("error", str(caught))
+        except Exception:
+            box[0] = ("error", "process 0 could not prepare --out; see its error")
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 def configure_threads(requested: int | None, context: DistContext) -> int:
@@ -134,14 +290,17 @@ def warn_if_busy(log: Log) -> None:
         )
 
 
-def save_adapter(peft_model, out: Path) -> None:
-    """Save the PEFT adapter into ``out``: written to a temporary folder, then each file moved in atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".adapter.", dir=out) as tmp:
+def save_adapter(peft_model, folder: Path) -> None:
+    """Save the PEFT adapter files into ``folder`` (a staging folder: they become visible with it, together)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=folder))
+    try:
         peft_model.save_pretrained(tmp)
         for name in ADAPTER_FILES:
-            os.chmod(Path(tmp) / name, public_file_mode())
-            os.replace(Path(tmp) / name, out / name)
+            os.chmod(tmp / name, public_file_mode())
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
@@ -216,7 +375,18 @@ def evaluate_sharded(
 class _Trainer:
     """One optimizer step at a time over the schedule; each step's loss is the global mean per answer token."""
 
-    def __init__(self, model, train_model, optimizer, train_set: EncodedSet, config, context, device, pad_id) -> None:
+    def __init__(
+        self,
+        model,
+        train_model,
+        optimizer,
+        train_set: EncodedSet,
+        schedule: BatchSchedule,
+        config,
+        context,
+        device,
+        pad_id,
+    ) -> None:
         self.model = model
         self.train_model = train_model
         self.optimizer = optimizer
@@ -226,8 +396,7 @@ class _Trainer:
         self.context = context
         self.device = device
         self.pad_id = pad_id
-        global_batch = config.batch_size * config.grad_accum * context.world_size
-        self.schedule = BatchSchedule([len(item.input_ids) for item in self.items], global_batch, config.seed)
+        self.schedule = schedule
         self.parameters = [p for p in model.parameters() if p.requires_grad]
 
     def _gradient_sync(self, last: bool):
@@ -241,7 +410,10 @@ class _Trainer:
         return nullcontext() if last else self.train_model.no_sync()
 
     def step(self, step: int, stop_requested: bool) -> tuple[float, int, bool]:
-        """Run optimizer step ``step``; returns (loss, tokens processed by all processes, stop agreed)."""
+        """Run optimizer step ``step``; returns (loss, tokens processed by all processes, stop agreed).
+
+        A loss or gradient norm that is NaN or infinite raises _NonFinite before the update is applied.
+        """
         config, context = self.config, self.context
         rate = learning_rate(step, config.steps, config.lr)
         for group in self.optimizer.param_groups:
@@ -261,12 +433,19 @@ class _Trainer:
                 (stats.nll * scale).backward()
             nll_sum += float(stats.nll.detach())
             tokens += int(batch["attention_mask"].sum())
+        nll_sum, tokens, stop = context.sum([nll_sum, tokens, float(stop_requested)], self.device)
+        loss = nll_sum / max(1, global_tokens)
         # Under FSDP the gradients are DTensor shards, and the norm is taken over all of them.
-        torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        # Every process has the same loss and norm here, so all of them stop together.
+        for what, value in (("training loss", loss), ("gradient norm", norm)):
+            if not math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise _NonFinite(what, value)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        nll_sum, tokens, stop = context.sum([nll_sum, tokens, float(stop_requested)], self.device)
-        return nll_sum / max(1, global_tokens), int(tokens), stop > 0
+        return loss, int(tokens), stop > 0
 
 
 def run_finetune(
@@ -274,48 +453,77 @@ def run_finetune(
 ) -> FinetuneOutcome:
     """Fine-tune ``config.model`` on ``config.data`` and write the adapter, metrics.json and loss.png to ``out``.
 
-    Bad input raises a UserError before anything is written. Ctrl-C (or SIGTERM) stops at the next
-    step boundary with a checkpoint that ``resume=True`` continues; the outcome says which happened.
-    Under torchrun every process calls this; only rank 0 writes files and logs.
+    The run trains in a staging folder next to ``out`` (``.NAME.partial``, created with its first
+    checkpoint) and replaces ``out`` with it in one folder swap once everything is written, so
+    ``out`` always holds complete results, the old ones until the new ones are done. Bad input
+    raises a UserError before anything is written. A second run on the same ``out`` is refused
+    while this one holds its lock. Ctrl-C (or SIGTERM) stops at the next step boundary with a
+    checkpoint that ``resume=True`` continues; a loss that turns NaN or infinite raises
+    TrainingDiverged and keeps the last checkpoint. Under torchrun every process calls this; only
+    rank 0 takes the lock, writes files and logs.
     """
     wall_start = time.perf_counter()
-    out = Path(out)
+    out = output_folder(out)
+    if resume and overwrite:
+        raise UserError("--resume continues the run saved in --out and --overwrite replaces it; pass only one")
     if resume:
-        check_output(out, resume, overwrite)
-        saved = load_run_config(out)
+        source = find_resumable(out)
+        if source is None:
+            raise _nothing_to_resume(out)
+        saved = load_run_config(source)
         changed = saved.differences(config)
         if changed:
             flags = ", ".join("--" + name.replace("_", "-") for name in changed)
             raise UserError(
-                f"--resume continues the run in {out} with its saved settings, but {flags} differ from them; "
+                f"--resume continues the run in {source} with its saved settings, but {flags} differ from them; "
                 "leave those flags out, or start a new run with a different --out"
             )
         config = FinetuneConfig.from_dict({**saved.to_dict(), "device": config.device, "threads": config.threads})
     config.validate()
     if config.fsdp:
         check_sharding_possible(context_from_env())
-    check_output(out, resume, overwrite)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder path")
     check_model_spec(config.model)
     dataset = load_dataset(config.data)
-    split = split_dataset(dataset)
+    split = training_split(dataset, load_eval_dataset(config.eval_data) if config.eval_data else None)
 
     device = default_device(config.device)
     context = init_distributed(device)
+    log = log if context.is_main else (lambda _: None)
+    lock = FolderLock(out, "another eetq-lora run", "wait for it to finish, or pass a different --out")
+    saved_at = _Saved(staging_path(out))
+
+    def claim() -> Path | None:
+        lock.acquire()
+        tidy_output(out, log)
+        return check_output(out, resume, overwrite)
+
     try:
-        return _run(
-            config,
-            out,
-            resume,
-            overwrite,
-            split,
-            dataset.source,
-            device,
-            context,
-            wall_start,
-            log if context.is_main else (lambda _: None),
-        )
+        source = _on_main(context, claim)
+        if source is not None and source == saved_at.staging:
+            saved_at.step = read_state(source)["step"]
+        return _run(config, out, source, resume, split, dataset.source, device, context, wall_start, log, saved_at)
+    except KeyboardInterrupt:
+        if saved_at.step is None:
+            raise
+        raise RunAborted(checkpoint_path(saved_at.staging), saved_at.step) from None
     finally:
+        lock.release()
         shutdown_distributed()
+
+
+def _divergence_message(error: _NonFinite, step: int, config: FinetuneConfig, out: Path, saved_at: _Saved) -> str:
+    if saved_at.step is not None:
+        kept = f"the last checkpoint (step {saved_at.step}) is kept in {checkpoint_path(saved_at.staging)}"
+    else:
+        kept = "this run saved nothing"
+    if out.is_dir():
+        kept += f" and {out} is as it was"
+    return (
+        f"training diverged at step {step}/{config.steps}: {error}, so no adapter was saved; {kept}. "
+        f"Start again with a lower --lr (it is {config.lr:g}) or --alpha ({config.alpha:g}) and --overwrite"
+    )
 
 
 def _shard(peft_model, context: DistContext, device: torch.device, log: Log) -> list[int]:
@@ -334,7 +542,9 @@ def _shard(peft_model, context: DistContext, device: torch.device, log: Log) -> 
     return shares
 
 
-def _run(config, out, resume, overwrite, split, data_name, device, context, wall_start, log) -> FinetuneOutcome:
+def _run(
+    config, out, resume_from, resume, split, data_name, device, context, wall_start, log, saved_at: _Saved
+) -> FinetuneOutcome:
     from peft import LoraConfig
 
     from .. import get_peft_model, load_adapter
@@ -358,10 +568,19 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
     loaded = load_quantized(source, dtype, device)
     fmt = PromptFormat(loaded.tokenizer)
     train_set = _encode(fmt, split.train, config, "training", data_name)
-    eval_set = _encode(fmt, split.held_out[: config.eval_examples], config, "held-out", data_name)
+    held_out_name = split.held_out_source or data_name
+    eval_set = _encode(fmt, split.held_out[: config.eval_examples], config, "held-out", held_out_name)
+    if split.overlap:
+        log(f"Left out {split.overlap} training example(s) whose prompt is in the held-out set {held_out_name}")
     pad_id = loaded.tokenizer.pad_token_id
+    # Made before any scoring, so that a batch larger than the data is refused at once.
+    schedule = BatchSchedule(
+        [len(item.input_ids) for item in train_set.items],
+        config.batch_size * config.grad_accum * context.world_size,
+        config.seed,
+    )
 
-    state = read_state(out) if resume else None
+    state = read_state(resume_from) if resume_from is not None else None
     if state is None:
         lora = LoraConfig(
             r=config.r,
@@ -379,7 +598,7 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
                 f"{', '.join(names)} (or pass all-linear)"
             ) from error
     else:
-        peft_model = load_adapter(loaded.model, checkpoint_path(out), is_trainable=True)
+        peft_model = load_adapter(loaded.model, checkpoint_path(resume_from), is_trainable=True)
     peft_model.to(device)
     # Same results, less activation memory: RMSNorm and the MLP activation are redone in backward.
     recompute_cheap_ops(peft_model)
@@ -388,9 +607,9 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     if state is not None and config.fsdp:
-        restore_sharded_state(out, peft_model, optimizer)
+        restore_sharded_state(resume_from, peft_model, optimizer)
     elif state is not None:
-        restore_optimizer_and_rng(out, optimizer, device)
+        restore_optimizer_and_rng(resume_from, optimizer, device)
     score = evaluate_sharded if config.fsdp else evaluate
 
     trainable_count = sum(p.numel() for p in trainable)
@@ -402,10 +621,6 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
         "data": {"source": data_name},
     }
     if state is None:
-        if context.is_main:
-            if overwrite:
-                clear_outputs(out)
-            write_json_atomic(out / RUN_CONFIG, run_record)
         log(f"Scoring {len(eval_set)} held-out examples before training...")
         before = score(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
         log(f"  held-out loss {before.loss:.4f}, answer-token accuracy {before.accuracy:.1%}")
@@ -418,22 +633,26 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
         }
     else:
         before = EvalResult(**{k: v for k, v in state["held_out_before"].items() if k != "perplexity"})
-        log(f"Resuming at step {state['step']}/{config.steps} from {checkpoint_path(out)}")
+        log(f"Resuming at step {state['step']}/{config.steps} from {checkpoint_path(resume_from)}")
 
     train_model = peft_model
     if context.enabled and not config.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(peft_model, device_ids=[device.index] if device.type == "cuda" else None)
-    trainer = _Trainer(peft_model, train_model, optimizer, train_set, config, context, device, pad_id)
+    trainer = _Trainer(peft_model, train_model, optimizer, train_set, schedule, config, context, device, pad_id)
+    staging = saved_at.staging
 
     def checkpoint() -> None:
+        # The run's first checkpoint creates the staging folder, with run_config.json beside it.
+        record = run_record if resume_from != staging and saved_at.step is None else None
         if config.fsdp:
-            save_sharded_checkpoint(out, peft_model, optimizer, state)
-            return
-        if context.is_main:
-            save_checkpoint(out, peft_model, optimizer, state)
-        context.barrier()
+            save_sharded_checkpoint(staging, peft_model, optimizer, state, record)
+        else:
+            if context.is_main:
+                save_checkpoint(staging, peft_model, optimizer, state, record)
+            context.barrier()
+        saved_at.step = state["step"]
 
     step = state["step"]
     if step < config.steps:
@@ -447,7 +666,12 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
     with StopRequest() as stop:
         while step < config.steps:
             started = time.perf_counter()
-            loss, tokens, stopped = trainer.step(step, stop.requested)
+            try:
+                loss, tokens, stopped = trainer.step(step, stop.requested)
+            except _NonFinite as error:
+                if progress:
+                    progress.close()
+                raise TrainingDiverged(_divergence_message(error, step + 1, config, out, saved_at)) from None
             step += 1
             state["step"] = step
             state["train_losses"].append(loss)
@@ -464,14 +688,16 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
     peft_model.eval()
     checkpoint()
     if stopped and step < config.steps:
-        return FinetuneOutcome("interrupted", step, config.steps, out, is_main=context.is_main)
+        return FinetuneOutcome(
+            "interrupted", step, config.steps, out, is_main=context.is_main, checkpoint=checkpoint_path(staging)
+        )
 
     if config.fsdp:
         from ..parallel.checkpoint import save_sharded_adapter
 
-        save_sharded_adapter(peft_model, out)
+        save_sharded_adapter(peft_model, staging)
     elif context.is_main:
-        save_adapter(peft_model, out)
+        save_adapter(peft_model, staging)
     log(f"Scoring {len(eval_set)} held-out examples after training...")
     after = score(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
 
@@ -487,6 +713,8 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
         "data": {
             "source": data_name,
             "train_examples": len(train_set),
+            "held_out_source": held_out_name,
+            "left_out_for_held_out": split.overlap,
             "held_out_examples": len(split.held_out),
             "evaluated_examples": len(eval_set),
             "dropped_too_long": train_set.dropped + eval_set.dropped,
@@ -520,10 +748,11 @@ def _run(config, out, resume, overwrite, split, data_name, device, context, wall
     if context.is_main:
         if plotting_available():
             save_loss_plot(
-                out / LOSS_PLOT, state["train_losses"], before.loss, after.loss, f"{source.name}: EETQ int8 + LoRA"
+                staging / LOSS_PLOT, state["train_losses"], before.loss, after.loss, f"{source.name}: EETQ int8 + LoRA"
             )
             metrics["loss_plot"] = LOSS_PLOT
         else:
             log(f"matplotlib is not installed, so {LOSS_PLOT} was not drawn: pip install matplotlib")
-        write_json_atomic(out / METRICS, metrics)
+        write_json_atomic(staging / METRICS, metrics)
+        publish_results(staging, out)
     return FinetuneOutcome("finished", step, config.steps, out, metrics, is_main=context.is_main)
