@@ -63,3 +63,31 @@ def test_a_bad_csv_row_stops_finetune_naming_its_line_before_anything_is_written
     assert last.startswith("eetq-lora finetune: error:")
     assert f"{data}, line 3: " in last and '"completion" is empty' in last
     assert not out.exists()
+
+
+def test_eval_data_builtin_and_eval_scoring_adapters_on_the_same_data(tiny_model, qa_file, tmp_path, capsys):
+    from eetq_lora.training.config import FinetuneConfig
+
+    assert FinetuneConfig.from_dict({"data": None}).data == "builtin"  # runs recorded before the flag
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(p) + "\n" for p in qa_pairs()[:6]))
+    a, b = tmp_path / "a", tmp_path / "b"
+    # --eval-data: a separate held-out set; training rows sharing its prompts are left out.
+    assert main(tiny_args(tiny_model, qa_file, b, "--steps", "1", "--eval-data", str(eval_file))) == 0
+    data = json.loads((b / "metrics.json").read_text())["data"]
+    assert data["held_out_source"] == str(eval_file) and data["held_out_examples"] == 6
+    assert data["left_out_for_held_out"] == 6
+    # --data builtin names the built-in corpus, and the run records it by that name.
+    args = tiny_args(tiny_model, qa_file, a, "--steps", "1")
+    args[args.index("--data") + 1] = "builtin"
+    assert main(args) == 0
+    assert json.loads((a / "run_config.json").read_text())["settings"]["data"] == "builtin"
+    capsys.readouterr()
+    # eval scores every adapter on the first one's data (here the built-in corpus), with a note.
+    common = ["--json", "--eval-examples", "4", "--threads", "1"]
+    assert main(["eval", "--adapter", str(a), "--adapter", str(b), *common]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["data"].startswith("chatterbot-corpus")
+    assert "Note: " in out.err and str(eval_file) in out.err
+    assert main(["eval", "--adapter", str(b), "--adapter", str(a), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["data"] == str(eval_file)

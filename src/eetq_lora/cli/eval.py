@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .common import EXIT_OK, add_adapter_flags, add_model_flags, add_subcommand, handles_errors, positive_int
 
@@ -32,7 +33,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         metavar="FILE",
-        help="data file (.jsonl or .txt) whose held-out split is scored. Default: the adapter's training data",
+        help="data whose fixed held-out split is scored (the formats of finetune --data, or builtin). "
+        "Default: the held-out set the first adapter was scored on in training",
+    )
+    parser.add_argument(
+        "--eval-data",
+        metavar="FILE",
+        help="score on all of this held-out set instead (the formats of --data). Default: the first adapter's",
     )
     parser.add_argument(
         "--max-seq-len", type=positive_int, metavar="N", help="tokens per example. Default: the adapter's, else 96"
@@ -64,19 +71,21 @@ def format_table(rows: list[dict]) -> str:
 
 @handles_errors("eval")
 def run(args: argparse.Namespace) -> int:
-    from ..data import PromptFormat, encode_examples, load_dataset, split_dataset
+    from ..data import PromptFormat, choose_eval_data, encode_examples, held_out_set
     from ..errors import DataError
     from ..models.adapters import load_for_inference, read_adapter, setting, using
     from ..training.evaluate import evaluate
 
     # Read the data (and fail on it) before loading any model.
     recorded = [read_adapter(path, index) for index, path in enumerate(args.adapter)]
-    data = args.data if args.data is not None else setting(recorded, "data", None)
+    choice, notes = choose_eval_data(args.data, args.eval_data, [(a.label, a.settings) for a in recorded])
     max_seq_len = args.max_seq_len or setting(recorded, "max_seq_len", 96)
     eval_examples = args.eval_examples or setting(recorded, "eval_examples", 128)
     batch_size = args.batch_size or setting(recorded, "batch_size", 8)
-    dataset = load_dataset(data)
-    held_out = split_dataset(dataset).held_out[:eval_examples]
+    dataset = held_out_set(choice)
+    held_out = dataset.examples[:eval_examples]
+    for note in notes:
+        print(f"Note: {note}", file=sys.stderr)
 
     inference = load_for_inference(args.adapter, args.model, args.dtype, args.device, args.threads)
     tokenizer = inference.loaded.tokenizer
