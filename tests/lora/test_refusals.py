@@ -55,3 +55,11 @@ def test_plain_lora_still_builds():
     model = get_peft_model(quantized(), LoraConfig(r=4, target_modules=["q_proj"]))
     assert len([m for m in model.modules() if isinstance(m, EetqLoraLinear)]) == 2
     assert torch.isfinite(model(torch.randint(0, 100, (1, 5))).logits).all()
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, float("nan")])
+def test_lora_dropout_out_of_range_is_refused(dropout):
+    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\)"):
+        get_peft_model(quantized(), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=dropout))
+    with pytest.raises(ValueError, match="lora_dropout"):
+        EetqLoraLinear(eetq_lora.EetqLinear(64, 64), "default", r=4, lora_dropout=dropout)

@@ -134,6 +134,10 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
                 f"init_lora_weights={init!r} needs to read and rewrite the float base weight, but an EETQ base "
                 f"layer is frozen int8. Use {_SUPPORTED_INITS}."
             )
+        dropout = config.lora_dropout
+        if not 0.0 <= dropout < 1.0:
+            # PEFT turns any p <= 0 into no dropout at all, so a sign slip would go unnoticed.
+            raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
         variants = _requested_variants(config)
         if variants:
             where = kwargs.get("target_name") or "an EETQ int8 layer"
