@@ -70,3 +70,35 @@ def test_bad_data_fails_before_any_model_is_loaded(trained, tmp_path, capsys):
     assert main(["eval", "--adapter", str(a), "--data", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "line 2" in err and "Loading" not in err
+
+
+def test_a_progress_bar_counts_each_models_batches_on_a_terminal(trained, monkeypatch, capsys):
+    import io
+
+    from eetq_lora.training import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    bars, shown, real_bar = [], [], progress.progress_bar
+
+    def on_terminal(*args, **kwargs):
+        bars.append(real_bar(*args, stream=Terminal(), **kwargs))
+        shown.append(not bars[-1].disable)  # closing a tqdm bar disables it
+        return bars[-1]
+
+    monkeypatch.setattr(progress, "progress_bar", on_terminal)
+    a, b = trained
+    assert main(["eval", "--base", "--adapter", str(a), "--adapter", str(b), "--json"]) == 0
+    rows = list(scores(capsys).values())
+    batch_size = json.loads((a / "run_config.json").read_text())["settings"]["batch_size"]
+    assert [bar.desc for bar in bars] == [f"scoring {name}" for name in ("base", a, b)]
+    for bar, row in zip(bars, rows, strict=True):
+        assert bar.n == bar.total == -(-row["examples"] // batch_size)
+    assert shown == [True, True, True]
+
+    bars.clear()
+    assert main(["eval", "--adapter", str(a), "--json", "--no-progress"]) == 0
+    assert shown[-1] is False
+    assert "scoring" not in capsys.readouterr().err  # not a terminal: quiet

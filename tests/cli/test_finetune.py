@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
+import pty
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -50,6 +55,23 @@ def metrics_of(out: Path) -> dict:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` by relative path, with its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_terminal(screen: int, until: str | None = None, timeout: float = 120) -> str:
+    """What a child wrote to the pseudo-terminal ``screen``: up to ``until``, or to its end."""
+    text, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline and (until is None or until.encode() not in text):
+        ready, _, _ = select.select([screen], [], [], 1.0)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(screen, 4096)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        text += chunk
+    return text.decode(errors="replace")
 
 
 class CtrlCBeforeStep:
@@ -275,15 +297,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model, 
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "eetq_lora", *tiny_args(tiny_model, qa_file, out, "--steps", steps)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    seen = []
-    for line in process.stderr:  # the first progress line means training is under way
-        seen.append(line)
-        if line.startswith("step "):
-            break
+    # stderr on a terminal (a pseudo-terminal) shows the progress bar; its first speed means training is under way.
+    screen, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # 24 rows, 160 columns
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=terminal, env=env)
+    os.close(terminal)
+    seen = read_terminal(screen, until=" tok/s")
+    assert "training:" in seen and "tok/s" in seen and "ETA" in seen, seen
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    stderr = "".join(seen) + stderr
+    stderr = seen + read_terminal(screen)
+    os.close(screen)
+    process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert f"eetq-lora finetune --out {out} --resume" in stderr
     # The checkpoint is in the staging folder next to OUT; OUT itself appears only when the run finishes.
@@ -564,34 +588,6 @@ def test_missing_builtin_packages_say_what_to_install(
     assert not out.exists()
 
 
-def test_progress_bar_shows_loss_throughput_and_eta():
-    import io
-
-    from eetq_lora.training.progress import ProgressBar, format_duration
-
-    assert [format_duration(s) for s in (0, 75, 3725)] == ["0:00", "1:15", "1:02:05"]
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    screen = Terminal()
-    bar = ProgressBar(total=10, stream=screen)
-    bar.started -= 4.0  # as if 4 s had passed
-    bar.update(2, 1.2345, tokens=800)
-    line = screen.getvalue()
-    assert line.startswith("\r") and "step 2/10" in line and "loss 1.2345" in line
-    rate = float(line.split(" tok/s")[0].split("| ")[-1].replace(",", ""))
-    assert 150 <= rate <= 200  # 800 tokens in a little over 4 s
-    assert "ETA 0:1" in line  # 8 steps left at about 2 s each
-
-    log = io.StringIO()
-    quiet = ProgressBar(total=40, stream=log)
-    for step in range(1, 41):
-        quiet.update(step, 1.0, tokens=1)
-    assert len(log.getvalue().splitlines()) == 20  # a plain line every 5% off a terminal
-
-
 def test_an_eetq_checkpoint_from_quantize_trains_like_its_float_model(tiny_model, qa_file, tmp_path):
     quantized = tmp_path / "quantized"
     # plain layout: the tiny model's 32-wide k/v projections are not multiples of 64
@@ -606,3 +602,69 @@ def test_an_eetq_checkpoint_from_quantize_trains_like_its_float_model(tiny_model
     assert from_int8["training"]["losses"] == from_float["training"]["losses"]
     assert from_int8["model"]["float32_bytes"] == from_float["model"]["float32_bytes"]
     assert from_int8["model"]["int8_base_bytes"] == from_float["model"]["int8_base_bytes"]
+
+
+def test_a_resumed_run_reports_its_own_speed_and_the_totals(tiny_model, qa_file, tmp_path, monkeypatch, capsys):
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert main(tiny_args(tiny_model, qa_file, reference, "--eval-every", "1")) == 0
+    straight = metrics_of(reference)
+
+    real_stop_request = finetune_module.StopRequest
+    monkeypatch.setattr(finetune_module, "StopRequest", lambda: CtrlCBeforeStep(3))
+    assert main(tiny_args(tiny_model, qa_file, out, "--eval-every", "2")) == 130
+    monkeypatch.setattr(finetune_module, "StopRequest", real_stop_request)
+    saved = json.loads((tmp_path / ".run.partial" / "checkpoint" / "state.json").read_text())
+    assert [(s["start_step"], s["steps"], s["threads"]) for s in saved["segments"]] == [(0, 3, 1)]
+    capsys.readouterr()
+
+    # Resumed on 2 threads: the report must not credit the first part's time to them.
+    assert main(["finetune", "--out", str(out), "--resume", "--threads", "2"]) == 0
+    report = capsys.readouterr().out
+    metrics = metrics_of(out)
+    training, runtime = metrics["training"], metrics["runtime"]
+    first, second = training["segments"]
+    assert (first["start_step"], first["steps"], first["threads"], first["processes"]) == (0, 3, 1, 1)
+    assert (second["start_step"], second["steps"], second["threads"], second["processes"]) == (3, 1, 2, 1)
+    assert first["tokens"] + second["tokens"] == training["tokens"] == straight["training"]["tokens"]
+    assert first["seconds"] + second["seconds"] == pytest.approx(training["seconds"])
+    assert runtime["wall_seconds"] == second["wall_seconds"] > second["seconds"]
+    assert runtime["total_wall_seconds"] == pytest.approx(first["wall_seconds"] + second["wall_seconds"])
+    rate = second["tokens"] / second["seconds"]
+    assert f"training (resumed) {second['tokens']:,} tokens at {rate:,.0f} tokens/s in steps 4-4" in report
+    assert f"training (total)   {training['tokens']:,} tokens in {training['seconds']:.1f} s over 2 parts" in report
+    assert "(processes x threads: 1 x 1, 1 x 2)" in report
+    assert "wall time          resumed part" in report and "all parts" in report
+
+    # --eval-every was kept through the resume; every measured point matches the straight run's at that step.
+    assert metrics["held_out"]["eval_every"] == 2 and straight["held_out"]["eval_every"] == 1
+    curve = {point["step"]: point["loss"] for point in metrics["held_out"]["curve"]}
+    reference_curve = {point["step"]: point["loss"] for point in straight["held_out"]["curve"]}
+    assert sorted(curve) == [0, 2, 4] and sorted(reference_curve) == [0, 1, 2, 3, 4]
+    for step, loss in curve.items():
+        assert loss == pytest.approx(reference_curve[step], rel=1e-6), step
+
+
+def test_eval_every_records_measured_points_and_plots_only_those(tiny_model, qa_file, tmp_path, monkeypatch):
+    assert finetune_module.default_eval_every(60) == 12  # measured at 12, 24, 36 and 48, besides before and after
+    plotted = []
+    monkeypatch.setattr(finetune_module, "plotting_available", lambda: True)
+    monkeypatch.setattr(finetune_module, "save_loss_plot", lambda path, losses, points, title: plotted.append(points))
+    assert main(tiny_args(tiny_model, qa_file, tmp_path / "every", "--eval-every", "3")) == 0
+    assert main(tiny_args(tiny_model, qa_file, tmp_path / "off", "--eval-every", "0")) == 0
+    every, off = metrics_of(tmp_path / "every"), metrics_of(tmp_path / "off")
+    curve = every["held_out"]["curve"]
+    assert [point["step"] for point in curve] == [0, 3, 4]
+    assert curve[0] == {"step": 0, **every["held_out"]["before"]}
+    assert curve[-1] == {"step": 4, **every["held_out"]["after"]}
+    assert [point["step"] for point in off["held_out"]["curve"]] == [0, 4]
+    # Scoring in between leaves training as it was.
+    assert every["training"]["losses"] == pytest.approx(off["training"]["losses"], rel=1e-6)
+    assert plotted == [
+        [(p["step"], p["loss"]) for p in curve],
+        [(0, off["held_out"]["before"]["loss"]), (4, off["held_out"]["after"]["loss"])],
+    ]
+
+
+def test_eval_every_must_not_be_negative(tiny_model, qa_file, tmp_path):
+    result = run_cli(*tiny_args(tiny_model, qa_file, tmp_path / "run", "--eval-every", "-1"))
+    assert result.returncode == 2 and "--eval-every" in result.stderr and not (tmp_path / "run").exists()

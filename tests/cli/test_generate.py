@@ -102,3 +102,35 @@ def test_adapters_of_different_base_models_are_refused(tiny_model, adapters, tmp
 def test_negative_temperature_is_refused(adapters, capsys):
     assert main(["generate", "--adapter", str(adapters[0]), "--temperature", "-1", PROMPT]) == 1
     assert "--temperature" in capsys.readouterr().err
+
+
+def test_a_progress_bar_counts_generated_tokens_on_a_terminal(tiny_model, adapters, monkeypatch, capsys):
+    import io
+
+    from eetq_lora.training import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    bars, shown, real_bar = [], [], progress.progress_bar
+
+    def on_terminal(*args, **kwargs):
+        bars.append(real_bar(*args, stream=Terminal(), **kwargs))
+        shown.append(not bars[-1].disable)  # closing a tqdm bar disables it
+        return bars[-1]
+
+    monkeypatch.setattr(progress, "progress_bar", on_terminal)
+    assert main(["generate", "--adapter", str(adapters[0]), "--max-new-tokens", "6", PROMPT]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer == reference_answer(tiny_model, adapters[0], PROMPT, 6)
+    from transformers import AutoTokenizer
+
+    words = len(AutoTokenizer.from_pretrained(tiny_model)(answer, add_special_tokens=False)["input_ids"])
+    # Every new token is counted once: the answer's, plus an end-of-text token if it stopped early.
+    assert len(bars) == 1 and bars[0].total == 6 and shown == [True]
+    assert bars[0].n == 6 or bars[0].n == words + 1
+
+    bars.clear()
+    assert main(["generate", "--adapter", str(adapters[0]), "--max-new-tokens", "6", "--no-progress", PROMPT]) == 0
+    assert shown[-1] is False and "generating" not in capsys.readouterr().err

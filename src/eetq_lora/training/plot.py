@@ -1,4 +1,4 @@
-"""The loss-curve PNG: training loss per step and the held-out loss before and after."""
+"""The loss-curve PNG: training loss per step and the held-out loss where it was measured."""
 
 from __future__ import annotations
 
@@ -27,11 +27,15 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 def save_loss_plot(
     path: str | os.PathLike,
     train_losses: Sequence[float],
-    held_out_before: float,
-    held_out_after: float | None,
+    held_out: Sequence[tuple[int, float]],
     title: str,
 ) -> None:
-    """Write the plot to ``path`` atomically (matplotlib's Agg backend: no display needed)."""
+    """Write the plot to ``path`` atomically (matplotlib's Agg backend: no display needed).
+
+    ``held_out`` holds the measured (step, held-out loss) points, step 0 being before training:
+    each is a marker, and a line joins them only when there are measurements between the first
+    and the last, so no trend is drawn that was never measured.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -49,19 +53,18 @@ def save_loss_plot(
             linewidth=2,
             label=f"training loss ({window}-step mean)",
         )
-    axes.scatter(
-        [0], [held_out_before], color="#de2d26", zorder=3, label=f"held-out loss before: {held_out_before:.3f}"
-    )
-    if held_out_after is not None:
-        axes.scatter(
-            [len(train_losses)],
-            [held_out_after],
-            color="#31a354",
-            zorder=3,
-            label=f"held-out loss after: {held_out_after:.3f}",
-        )
+    if held_out:
+        xs, ys = [step for step, _ in held_out], [loss for _, loss in held_out]
+        label = f"held-out loss: {ys[0]:.3f} before" + (f", {ys[-1]:.3f} after" if len(ys) > 1 else "")
         axes.plot(
-            [0, len(train_losses)], [held_out_before, held_out_after], color="#636363", linestyle=":", linewidth=1
+            xs,
+            ys,
+            color="#de2d26",
+            marker="o",
+            linestyle="-" if len(xs) > 2 else "none",
+            linewidth=1,
+            zorder=3,
+            label=label,
         )
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (nats per answer token)")

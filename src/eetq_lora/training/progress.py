@@ -1,10 +1,12 @@
-"""A one-line live progress bar for training: step, loss, tokens/s and ETA."""
+"""Live progress bars (tqdm on stderr) for training, scoring and generation; hidden off a terminal."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import TextIO
+
+from tqdm import tqdm
 
 
 def format_duration(seconds: float) -> str:
@@ -15,41 +17,72 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-class ProgressBar:
-    """Redraws one line on a terminal; elsewhere (logs, CI) prints a plain line every ~5% of the run."""
+def shows_progress(enabled: bool = True, stream: TextIO | None = None) -> bool:
+    """Whether a bar is drawn: wanted (no --no-progress, the main process) and ``stream`` is a terminal."""
+    stream = stream or sys.stderr
+    return enabled and bool(getattr(stream, "isatty", lambda: False)())
 
-    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, width: int = 24) -> None:
+
+def progress_bar(
+    total: int | None,
+    desc: str,
+    unit: str,
+    *,
+    enabled: bool = True,
+    initial: int = 0,
+    stream: TextIO | None = None,
+    bar_format: str | None = None,
+    leave: bool = True,
+) -> tqdm:
+    """A tqdm bar on ``stream`` (stderr), disabled unless ``shows_progress(enabled, stream)``; ``leave``
+    False erases it once closed."""
+    stream = stream or sys.stderr
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        file=stream,
+        dynamic_ncols=True,
+        bar_format=bar_format,
+        leave=leave,
+        disable=not shows_progress(enabled, stream),
+    )
+
+
+class TrainingProgress:
+    """One bar over optimizer steps with loss, tokens/s and ETA in its postfix (rates of this run only)."""
+
+    FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+    def __init__(self, total: int, start: int = 0, *, enabled: bool = True, stream: TextIO | None = None) -> None:
         self.total = total
         self.start_step = start
         self.stream = stream or sys.stderr
-        self.width = width
-        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = max(1, total // 20)
-        self.started = time.perf_counter()
         self.tokens = 0
+        self.started = time.perf_counter()
+        self.bar = progress_bar(
+            total, "training", "step", enabled=enabled, initial=start, stream=stream, bar_format=self.FORMAT
+        )
 
-    def line(self, step: int, loss: float, elapsed: float) -> str:
+    def postfix(self, step: int, loss: float, elapsed: float) -> str:
         done = step - self.start_step
         rate = self.tokens / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) * elapsed / done if done > 0 else 0.0
-        filled = int(self.width * step / self.total) if self.total else self.width
-        bar = "#" * filled + "-" * (self.width - filled)
-        return (
-            f"step {step}/{self.total} [{bar}] loss {loss:.4f} | {rate:,.0f} tok/s | "
-            f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}"
-        )
+        return f"loss {loss:.4f}, {rate:,.0f} tok/s, ETA {format_duration(eta)}"
 
     def update(self, step: int, loss: float, tokens: int) -> None:
         """Record that optimizer step ``step`` (1-based count of finished steps) ended with ``loss``."""
         self.tokens += tokens
-        text = self.line(step, loss, time.perf_counter() - self.started)
-        if self.interactive:
-            self.stream.write("\r\033[K" + text)
-        elif step % self.every == 0 or step == self.total:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        self.bar.set_postfix_str(self.postfix(step, loss, time.perf_counter() - self.started), refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def note(self, message: str, log) -> None:
+        """Print ``message`` above the bar if it is shown, else pass it to ``log``."""
+        if self.bar.disable:
+            log(message)
+        else:
+            self.bar.write(message, file=self.stream)
 
     def close(self) -> None:
-        if self.interactive:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
