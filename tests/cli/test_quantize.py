@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -233,9 +234,12 @@ def test_worker_count_changes_nothing_but_speed(tmp_path):
             assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes(), name
 
 
-def test_progress_bar_goes_to_stderr(tmp_path, capsys):
+def test_progress_bar_goes_to_stderr_on_a_terminal_only(tmp_path, capsys, monkeypatch):
     src = tmp_path / "float"
     float_folder(src)
+    assert main(["quantize", str(src), str(tmp_path / "piped")]) == 0
+    assert "quantizing" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["quantize", str(src), str(tmp_path / "int8")]) == 0
     assert "quantizing" in capsys.readouterr().err
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -378,7 +379,9 @@ def _convert_shards(
     totals = {"parameters": 0, "quantized_parameters": 0, "bytes_before": 0, "bytes_after": 0}
     weight_map, found = {}, set()
     total_bytes = sum((src / shard).stat().st_size for shard in shards)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantizing", disable=not progress)
+    # Like the other commands' bars: drawn on a terminal only, never into a log file or a pipe.
+    shown = progress and sys.stderr.isatty()
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantizing", disable=not shown)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         try:
             for shard in shards:
