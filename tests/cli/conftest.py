@@ -187,3 +187,25 @@ def run_cli(*argv: str, env: dict | None = None, timeout: float = 300) -> subpro
     return subprocess.run(
         [sys.executable, "-m", "eetq_lora", *argv], capture_output=True, text=True, env=full_env, timeout=timeout
     )
+
+
+@pytest.fixture
+def terminal_bars(monkeypatch):
+    """Progress bars drawn as on a terminal (into a buffer): the bars made, and whether each was shown."""
+    import io
+
+    from eetq_lora.training import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    bars, shown, real_bar = [], [], progress.progress_bar
+
+    def on_terminal(*args, **kwargs):
+        bars.append(real_bar(*args, stream=Terminal(), **kwargs))
+        shown.append(not bars[-1].disable)  # closing a tqdm bar disables it
+        return bars[-1]
+
+    monkeypatch.setattr(progress, "progress_bar", on_terminal)
+    return bars, shown

@@ -72,23 +72,8 @@ def test_bad_data_fails_before_any_model_is_loaded(trained, tmp_path, capsys):
     assert "line 2" in err and "Loading" not in err
 
 
-def test_a_progress_bar_counts_each_models_batches_on_a_terminal(trained, monkeypatch, capsys):
-    import io
-
-    from eetq_lora.training import progress
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    bars, shown, real_bar = [], [], progress.progress_bar
-
-    def on_terminal(*args, **kwargs):
-        bars.append(real_bar(*args, stream=Terminal(), **kwargs))
-        shown.append(not bars[-1].disable)  # closing a tqdm bar disables it
-        return bars[-1]
-
-    monkeypatch.setattr(progress, "progress_bar", on_terminal)
+def test_a_progress_bar_counts_each_models_batches_on_a_terminal(trained, terminal_bars, capsys):
+    bars, shown = terminal_bars
     a, b = trained
     assert main(["eval", "--base", "--adapter", str(a), "--adapter", str(b), "--json"]) == 0
     rows = list(scores(capsys).values())

@@ -104,23 +104,8 @@ def test_negative_temperature_is_refused(adapters, capsys):
     assert "--temperature" in capsys.readouterr().err
 
 
-def test_a_progress_bar_counts_generated_tokens_on_a_terminal(tiny_model, adapters, monkeypatch, capsys):
-    import io
-
-    from eetq_lora.training import progress
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    bars, shown, real_bar = [], [], progress.progress_bar
-
-    def on_terminal(*args, **kwargs):
-        bars.append(real_bar(*args, stream=Terminal(), **kwargs))
-        shown.append(not bars[-1].disable)  # closing a tqdm bar disables it
-        return bars[-1]
-
-    monkeypatch.setattr(progress, "progress_bar", on_terminal)
+def test_a_progress_bar_counts_generated_tokens_on_a_terminal(tiny_model, adapters, terminal_bars, capsys):
+    bars, shown = terminal_bars
     assert main(["generate", "--adapter", str(adapters[0]), "--max-new-tokens", "6", PROMPT]) == 0
     answer = capsys.readouterr().out.strip()
     assert answer == reference_answer(tiny_model, adapters[0], PROMPT, 6)
