@@ -127,16 +127,16 @@ def qa_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def _built_kernels(tmp_path_factory) -> Path | None:
     """The compiled CPU kernels, built once for the session into a folder of their own."""
-    from eetq_lora.kernels import native
+    from eetq_lora.kernels import cpu_library
 
-    compiler = native._find_compiler()
+    compiler = cpu_library._find_compiler()
     if compiler is None:
         return None
     cache = tmp_path_factory.mktemp("kernel-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EETQ_LORA_CACHE", str(cache))
         try:
-            native._build(compiler)
+            cpu_library._build(compiler)
         except Exception:  # noqa: BLE001 - without kernels the tests run the pure-torch paths
             return None
     return cache / "kernels"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from eetq_lora import dequantize_weight
-from eetq_lora.kernels import cpu, native, reference
+from eetq_lora.kernels import cpu, cpu_library, native, reference
 from tests.kernels.helpers import SHAPES, float64_forward, float64_grad_input, int8_weight, relative_error
 
 ROWS = [0, 1, 2, 3, 5, 8, 17, 40]
@@ -15,7 +15,7 @@ EXACT = 1e-5
 BF16 = 1.6e-2
 
 needs_native = pytest.mark.skipif(
-    not native.is_available(), reason=f"no compiled kernels: {native.status().get('reason')}"
+    not cpu_library.is_available(), reason=f"no compiled kernels: {cpu_library.status().get('reason')}"
 )
 
 
@@ -60,7 +60,7 @@ def test_stream_kernels_in_bfloat16_compute_match_float64(shape, layout, rows):
     assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < BF16
 
 
-@pytest.mark.skipif(not native.has_bf16_dot(), reason="no AVX512-BF16 build")
+@pytest.mark.skipif(not cpu_library.has_bf16_dot(), reason="no AVX512-BF16 build")
 @pytest.mark.parametrize("shape", [(64, 48), (101, 37), (2, 33), (3, 64), (256, 320)])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
 def test_bfloat16_dot_kernels_are_exact_for_bfloat16_activations(shape, rows):
@@ -126,9 +126,9 @@ def test_tiled_paths_agree_with_reference_path(compute):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_native", [True, False])
 def test_dequantized_tiles_are_the_reference_weight_bit_for_bit(monkeypatch, dtype, use_native):
-    if use_native and not native.is_available():
+    if use_native and not cpu_library.is_available():
         pytest.skip("no compiled kernels")
-    monkeypatch.setattr(native, "is_available", lambda: use_native)
+    monkeypatch.setattr(cpu_library, "is_available", lambda: use_native)
     qweight, scales = int8_weight(100, 37)
     s = scales.float()
     expected = dequantize_weight(qweight, scales, dtype)  # [out, in]

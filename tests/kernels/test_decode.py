@@ -11,10 +11,10 @@ from torch import nn
 
 import eetq_lora.kernels as kernels
 from eetq_lora import EetqLinear
-from eetq_lora.kernels import decode, native
+from eetq_lora.kernels import cpu_library, decode, native
 from tests.kernels.helpers import float64_forward, float64_grad_input, relative_error
 
-pytestmark = pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+pytestmark = pytest.mark.skipif(not cpu_library.is_available(), reason="no compiled kernels")
 
 
 def layer(in_features=96, out_features=80, bias=False, seed=0):

@@ -10,10 +10,10 @@ from eetq_lora.kernels import (
     STREAM_MAX_ROWS_FLOAT32_KERNELS,
     compute_dtype,
     cpu,
+    cpu_library,
     int8_linear,
     matmul_forward,
     matmul_grad_input,
-    native,
     select_path,
 )
 from tests.kernels.helpers import float64_forward, float64_grad_input, int8_weight, relative_error
@@ -23,7 +23,7 @@ BUDGET = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 # Output rounding alone, for float16 results computed in float32.
 FLOAT16_OUTPUT = 1e-3
 
-needs_native = pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+needs_native = pytest.mark.skipif(not cpu_library.is_available(), reason="no compiled kernels")
 
 
 @needs_native
@@ -40,7 +40,7 @@ def test_cpu_rows_threshold_separates_stream_and_tiled(compute, op):
 
 @needs_native
 def test_bfloat16_gradients_leave_streaming_sooner_without_bf16_dot_products(monkeypatch):
-    monkeypatch.setattr(native, "has_bf16_dot", lambda: False)
+    monkeypatch.setattr(cpu_library, "has_bf16_dot", lambda: False)
     qweight, _ = int8_weight(64, 48)
     assert select_path("cpu", torch.bfloat16, 8, qweight, "grad_input") == "cpu-stream"
     assert select_path("cpu", torch.bfloat16, 9, qweight, "grad_input") == "cpu-tiled"
@@ -48,7 +48,7 @@ def test_bfloat16_gradients_leave_streaming_sooner_without_bf16_dot_products(mon
 
 
 def test_without_compiled_kernels_cpu_uses_torch_paths(monkeypatch):
-    monkeypatch.setattr(native, "is_available", lambda: False)
+    monkeypatch.setattr(cpu_library, "is_available", lambda: False)
     packed, _ = int8_weight(64, 48, "out_in")
     plain, _ = int8_weight(64, 48, "in_out")
     assert select_path("cpu", torch.bfloat16, 1, packed) == "cpu-int8pack"
@@ -85,9 +85,9 @@ def test_environment_forces_reference(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 8, 33, 200])
 def test_dispatched_matmuls_match_float64(monkeypatch, use_native, layout, dtype, rows):
-    if use_native and not native.is_available():
+    if use_native and not cpu_library.is_available():
         pytest.skip("no compiled kernels")
-    monkeypatch.setattr(native, "is_available", lambda: use_native)
+    monkeypatch.setattr(cpu_library, "is_available", lambda: use_native)
     qweight, scales = int8_weight(96, 80, layout)
     x = torch.randn(rows, 96).to(dtype)
     grad = torch.randn(rows, 80).to(dtype)
@@ -119,7 +119,7 @@ def test_backward_uses_the_compute_dtype_of_its_forward(monkeypatch):
         return original(grad, qweight, scales, dtype)
 
     monkeypatch.setattr(cpu, "tiled_grad_input", spy)
-    monkeypatch.setattr(native, "is_available", lambda: False)
+    monkeypatch.setattr(cpu_library, "is_available", lambda: False)
     qweight, scales = int8_weight(96, 80)
     x = torch.randn(300, 96, requires_grad=True)
     with compute_dtype(torch.bfloat16):
@@ -132,9 +132,9 @@ def test_backward_uses_the_compute_dtype_of_its_forward(monkeypatch):
 @pytest.mark.parametrize("use_native", [True, False])
 @pytest.mark.parametrize("rows", [2, 200])
 def test_autograd_saves_only_the_int8_weight_and_scales(monkeypatch, use_native, rows):
-    if use_native and not native.is_available():
+    if use_native and not cpu_library.is_available():
         pytest.skip("no compiled kernels")
-    monkeypatch.setattr(native, "is_available", lambda: use_native)
+    monkeypatch.setattr(cpu_library, "is_available", lambda: use_native)
     qweight, scales = int8_weight(96, 80)
     saved = []
 
@@ -151,7 +151,7 @@ def test_autograd_saves_only_the_int8_weight_and_scales(monkeypatch, use_native,
     assert relative_error(x.grad, float64_grad_input(upstream, qweight, scales)) < BUDGET[torch.float32]
 
 
-@pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+@pytest.mark.skipif(not cpu_library.is_available(), reason="no compiled kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_decode_step_skips_the_general_dispatch_and_agrees_with_it(monkeypatch, dtype, rows):
@@ -165,7 +165,7 @@ def test_decode_step_skips_the_general_dispatch_and_agrees_with_it(monkeypatch, 
     assert out.dtype == dtype and torch.equal(out, expected)
 
 
-@pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+@pytest.mark.skipif(not cpu_library.is_available(), reason="no compiled kernels")
 def test_decode_step_leaves_other_cases_to_the_dispatcher(monkeypatch):
     qweight, scales = int8_weight(96, 80)
     calls = []
@@ -180,7 +180,7 @@ def test_decode_step_leaves_other_cases_to_the_dispatcher(monkeypatch):
     assert len(calls) == 4
 
 
-@pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+@pytest.mark.skipif(not cpu_library.is_available(), reason="no compiled kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_step_backward_agrees_with_the_general_gradient(monkeypatch, dtype):
     qweight, scales = int8_weight(96, 80)

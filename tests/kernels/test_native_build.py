@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import eetq_lora.kernels as kernels
-from eetq_lora.kernels import matmul_forward, native
+from eetq_lora.kernels import cpu_library, matmul_forward
 from tests.kernels.helpers import float64_forward, float64_grad_input, int8_weight, relative_error
 
 
@@ -17,9 +17,9 @@ from tests.kernels.helpers import float64_forward, float64_grad_input, int8_weig
 def fresh_native(monkeypatch, tmp_path):
     """An empty kernel cache and no loaded library; the real one is reloaded afterwards."""
     monkeypatch.setenv("EETQ_LORA_CACHE", str(tmp_path))
-    native._reset_for_tests()
+    cpu_library._reset_for_tests()
     yield tmp_path
-    native._reset_for_tests()
+    cpu_library._reset_for_tests()
 
 
 def _forward_still_matches():
@@ -29,23 +29,23 @@ def _forward_still_matches():
 
 
 def test_no_compiler_warns_once_and_falls_back(monkeypatch, fresh_native):
-    monkeypatch.setattr(native, "_find_compiler", lambda: None)
+    monkeypatch.setattr(cpu_library, "_find_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="no C compiler found") as record:
-        assert native.library() is None
-        assert native.library() is None
+        assert cpu_library.library() is None
+        assert cpu_library.library() is None
     assert len(record) == 1 and "\n" not in str(record[0].message)
-    assert native.status()["available"] is False
+    assert cpu_library.status()["available"] is False
     qweight, _ = int8_weight(64, 48)
     assert kernels.select_path("cpu", torch.bfloat16, 1, qweight) != "cpu-stream"
     _forward_still_matches()
 
 
 def test_failing_compiler_warns_and_falls_back(monkeypatch, fresh_native):
-    monkeypatch.setattr(native, "_find_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(cpu_library, "_find_compiler", lambda: "/bin/false")
     with pytest.warns(RuntimeWarning, match="building the CPU kernels failed") as record:
-        assert native.library() is None
+        assert cpu_library.library() is None
     assert len(record) == 1 and "\n" not in str(record[0].message)
-    assert "/bin/false" in native.status()["log"]
+    assert "/bin/false" in cpu_library.status()["log"]
     _forward_still_matches()
 
 
@@ -53,21 +53,21 @@ def test_environment_disables_without_warning(monkeypatch, fresh_native):
     monkeypatch.setenv("EETQ_LORA_NATIVE", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert native.library() is None
-    assert "EETQ_LORA_NATIVE" in native.status()["reason"]
+        assert cpu_library.library() is None
+    assert "EETQ_LORA_NATIVE" in cpu_library.status()["reason"]
 
 
-@pytest.mark.skipif(native._find_compiler() is None, reason="no C compiler")
+@pytest.mark.skipif(cpu_library._find_compiler() is None, reason="no C compiler")
 def test_build_is_cached_per_source_compiler_and_cpu(fresh_native):
-    assert native.is_available()
+    assert cpu_library.is_available()
     built = list((fresh_native / "kernels").glob("eetq_cpu_*.so"))
     assert len(built) == 1
     first_mtime = built[0].stat().st_mtime_ns
-    native._reset_for_tests()
-    assert native.is_available()
-    assert native.status()["path"] == str(built[0])
+    cpu_library._reset_for_tests()
+    assert cpu_library.is_available()
+    assert cpu_library.status()["path"] == str(built[0])
     assert built[0].stat().st_mtime_ns == first_mtime
-    assert native.library().eetq_has_openmp() in (0, 1)
+    assert cpu_library.library().eetq_has_openmp() in (0, 1)
     _forward_still_matches()
 
 
@@ -78,16 +78,16 @@ def _plant_library(path, marker) -> None:
         f"#include <stdio.h>\n__attribute__((constructor)) static void planted(void) {{"
         f' FILE* f = fopen("{marker}", "w"); if (f) fclose(f); }}\n'
     )
-    subprocess.run([native._find_compiler(), "-shared", "-fPIC", str(source), "-o", str(path)], check=True)
+    subprocess.run([cpu_library._find_compiler(), "-shared", "-fPIC", str(source), "-o", str(path)], check=True)
 
 
-needs_compiler = pytest.mark.skipif(native._find_compiler() is None, reason="no C compiler")
+needs_compiler = pytest.mark.skipif(cpu_library._find_compiler() is None, reason="no C compiler")
 OTHER_USER = 54321
 
 
 @needs_compiler
 def test_kernel_folder_is_created_private(fresh_native):
-    assert native.is_available()
+    assert cpu_library.is_available()
     assert stat.S_IMODE(os.stat(fresh_native / "kernels").st_mode) == 0o700
 
 
@@ -101,17 +101,17 @@ def test_a_library_planted_in_the_shared_fallback_folder_is_never_loaded(monkeyp
     shared_tmp = fresh_native / "tmp"
     shared_tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(shared_tmp))
-    monkeypatch.setattr(native.tempfile, "tempdir", None)
-    planted_folder = native.fallback_cache_dir() / "kernels"
+    monkeypatch.setattr(cpu_library.tempfile, "tempdir", None)
+    planted_folder = cpu_library.fallback_cache_dir() / "kernels"
     planted_folder.mkdir(parents=True)
     marker = fresh_native / "planted-code-ran"
-    _plant_library(planted_folder / f"eetq_cpu_{native._build_digest(native._find_compiler())}.so", marker)
+    _plant_library(planted_folder / f"eetq_cpu_{cpu_library._build_digest(cpu_library._find_compiler())}.so", marker)
     for folder in (planted_folder, planted_folder.parent):
         os.chmod(folder, 0o777)
         if os.getuid() == 0:
             os.chown(folder, OTHER_USER, OTHER_USER)
     with pytest.warns(RuntimeWarning, match="refusing to build or load compiled kernels") as record:
-        assert native.library() is None
+        assert cpu_library.library() is None
     assert len(record) == 1 and "\n" not in str(record[0].message)
     assert not marker.exists()
     _forward_still_matches()
@@ -119,12 +119,12 @@ def test_a_library_planted_in_the_shared_fallback_folder_is_never_loaded(monkeyp
 
 @needs_compiler
 def test_a_library_others_can_write_is_refused(fresh_native):
-    assert native.is_available()
+    assert cpu_library.is_available()
     (library,) = (fresh_native / "kernels").glob("eetq_cpu_*.so")
     os.chmod(library, 0o666)
-    native._reset_for_tests()
+    cpu_library._reset_for_tests()
     with pytest.warns(RuntimeWarning, match="writable by other users"):
-        assert native.library() is None
+        assert cpu_library.library() is None
     _forward_still_matches()
 
 
@@ -150,15 +150,15 @@ PORTABLE_BUILDS = [
 ]
 
 
-@pytest.mark.skipif(native._find_compiler() is None, reason="no C compiler")
+@pytest.mark.skipif(cpu_library._find_compiler() is None, reason="no C compiler")
 @pytest.mark.parametrize("flags", PORTABLE_BUILDS)
 def test_portable_builds_compute_the_same_products(monkeypatch, fresh_native, flags):
     # This machine builds with -march=native; the kernels' scalar and AVX2 branches are what other
     # CPUs run, so they are built and checked here too.
     from eetq_lora.kernels import cpu, decode
 
-    monkeypatch.setattr(native, "_FLAG_SETS", (flags,))
-    assert native.is_available() and not native.has_bf16_dot()
+    monkeypatch.setattr(cpu_library, "_FLAG_SETS", (flags,))
+    assert cpu_library.is_available() and not cpu_library.has_bf16_dot()
     for layout in ("in_out", "out_in"):
         qweight, scales = int8_weight(100, 37, layout)
         for dtype, budget in ((torch.float32, 1e-5), (torch.bfloat16, 2**-8), (torch.float16, 2**-11)):

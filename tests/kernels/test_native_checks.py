@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from eetq_lora import EetqLinear
-from eetq_lora.kernels import decode, native
+from eetq_lora.kernels import cpu_library, decode, native
 from eetq_lora.kernels.native import KernelInputError
 
-pytestmark = pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+pytestmark = pytest.mark.skipif(not cpu_library.is_available(), reason="no compiled kernels")
 
 R, C, M = 48, 40, 3
 
@@ -24,7 +24,7 @@ CALLS = {
     "stream-rowdot": (lambda a, q, s: native.stream(a, q, s, "rowdot", True), C, torch.bfloat16, torch.float16, R),
     "stream-rowaxpy": (lambda a, q, s: native.stream(a, q, s, "rowaxpy", False), R, torch.float16, torch.float16, C),
 }
-if native.has_bf16_dot():
+if cpu_library.has_bf16_dot():
     CALLS["rowdot_bf16"] = (lambda a, q, s: native.rowdot_bf16(a, q, s), C, torch.bfloat16, torch.float32, R)
     CALLS["rowaxpy_bf16"] = (lambda a, q, s: native.rowaxpy_bf16(a, q, s), R, torch.bfloat16, torch.float32, C)
 

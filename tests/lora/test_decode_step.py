@@ -5,10 +5,10 @@ import torch
 from peft import LoraConfig
 
 import eetq_lora
-from eetq_lora.kernels import decode, native
+from eetq_lora.kernels import cpu_library, decode
 from tests.helpers import tiny_llama
 
-pytestmark = pytest.mark.skipif(not native.is_available(), reason="no compiled kernels")
+pytestmark = pytest.mark.skipif(not cpu_library.is_available(), reason="no compiled kernels")
 
 
 def lora_layer(dtype=torch.float32, **config):

@@ -36,7 +36,7 @@ import warnings
 
 import torch
 
-from . import cpu, decode, native, reference
+from . import cpu, cpu_library, decode, reference
 from .policy import compute_dtype, get_compute_dtype, resolve_compute_dtype, set_compute_dtype
 
 __all__ = [
@@ -85,7 +85,7 @@ def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
 
 
 def _stream_limit(op: str, compute: torch.dtype) -> int:
-    if not native.has_bf16_dot() and (op, compute) in STREAM_MAX_ROWS_FLOAT32_KERNELS:
+    if not cpu_library.has_bf16_dot() and (op, compute) in STREAM_MAX_ROWS_FLOAT32_KERNELS:
         return STREAM_MAX_ROWS_FLOAT32_KERNELS[(op, compute)]
     return STREAM_MAX_ROWS.get((op, compute), 0)
 
@@ -95,7 +95,7 @@ def select_path(device_type: str, compute: torch.dtype, rows: int, qweight: torc
     if decode.reference_forced():
         return "reference"
     if device_type == "cpu":
-        if native.is_available():
+        if cpu_library.is_available():
             return "cpu-stream" if rows <= _stream_limit(op, compute) else "cpu-tiled"
         if (
             op == "forward"

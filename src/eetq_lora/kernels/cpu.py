@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from . import native
+from . import cpu_library, native
 
 # Largest dequantized tile; a few MiB keeps the tile cache-resident between dequantize and GEMM.
 TILE_BYTES = 8 << 20
@@ -66,7 +66,7 @@ def _direct(a: torch.Tensor, scales: torch.Tensor) -> bool:
 
 
 def _bf16_dot(rows: int, compute: torch.dtype) -> bool:
-    return compute == torch.bfloat16 and rows >= BF16_DOT_MIN_ROWS and native.has_bf16_dot()
+    return compute == torch.bfloat16 and rows >= BF16_DOT_MIN_ROWS and cpu_library.has_bf16_dot()
 
 
 def stream_forward(
@@ -128,7 +128,7 @@ def _dequantize_tile(
 ) -> torch.Tensor:
     """``q * row_scale[:, None] * col_scale[None, :]`` rounded once to ``dtype``, in the reused buffer."""
     out = _workspace(dtype, q.numel()).view(q.shape)
-    if native.is_available():
+    if cpu_library.is_available():
         native.dequantize_into(out, q, row_scale, col_scale)
         return out
     # An int8 times an fp16 scale is exact in float32, so staging there keeps the single rounding.

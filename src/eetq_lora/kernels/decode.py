@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-from . import native
+from . import cpu_library, native
 
 # Rows the one-call path takes: below this the dispatcher streams from exact activations too.
 MAX_ROWS = 3
@@ -74,9 +74,9 @@ class StreamPlan:
             and scales.dtype == _FLOAT16
             and scales.is_contiguous()
             and tuple(scales.shape) == (self.out_features,)
-            and native.is_available()
+            and cpu_library.is_available()
         )
-        self.kernel = native.library().eetq_stream if self.usable else None
+        self.kernel = cpu_library.library().eetq_stream if self.usable else None
 
     def matches(self, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
         """Whether this plan still describes these tensors' memory: same objects, storage, shape and strides.
