@@ -22,9 +22,9 @@ import torch
 from train_step import smollm2_config  # the one SmolLM2-135M shape all benchmarks use
 from transformers import LlamaForCausalLM
 
+from eetq_lora.format.layout import pack_weight
+from eetq_lora.format.quantize import quantize_weight
 from eetq_lora.quant.convert import quantize_checkpoint
-from eetq_lora.quant.layout import pack_weight
-from eetq_lora.quant.quantize import quantize_weight
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

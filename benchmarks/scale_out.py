@@ -333,7 +333,7 @@ def kernel_paths(seq: int) -> str:
     probe = torch.zeros(1, 1, dtype=torch.int8)
     parts = []
     for label, rows in (("1 process", SEQUENCES * seq), ("each of 2 ranks", seq)):
-        paths = {select_path("cpu", torch.float32, rows, probe, op) for op in ("forward", "grad_input")}
+        paths = {select_path("cpu", torch.float32, rows, probe, op).name for op in ("forward", "grad_input")}
         parts.append(f"{label}: {rows} rows, {'/'.join(sorted(paths))}")
     return "; ".join(parts)
 

@@ -8,8 +8,9 @@ hooks PEFT (``install_peft_hooks``), so stock ``peft.get_peft_model``, ``PeftMod
 EetqLoraLinear, ``target_modules="all-linear"`` included.
 """
 
-from ._compat import is_eetq_available
-from .integrations import disable_transformers, enable_transformers, mark_eetq_quantized
+from .format import dequantize_weight, quantize_weight
+from .integrations import disable_transformers, enable_transformers, mark_eetq_quantized, quantize_model
+from .integrations.eetq_layers import is_eetq_available
 from .kernels import compute_dtype, set_compute_dtype
 from .lora import (
     EetqLoraLinear,
@@ -23,7 +24,7 @@ from .lora import (
 )
 from .lora.peft_hooks import PeftCompatibilityError, install_peft_hooks
 from .parallel import local_int8_bytes, shard_model
-from .quant import EetqLinear, dequantize_weight, quantize_model, quantize_weight, set_checkpoint_layout
+from .quant import EetqLinear, set_checkpoint_layout
 
 enable_transformers()
 install_peft_hooks()

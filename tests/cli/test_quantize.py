@@ -17,10 +17,10 @@ import eetq_lora.quant.convert as convert_module
 from eetq_lora import EetqLinear, quantize_model, quantize_weight
 from eetq_lora.cli.common import usable_cpus
 from eetq_lora.cli.main import build_parser, main
+from eetq_lora.format.layout import pack_weight
 from eetq_lora.quant.convert import linear_weight_names
-from eetq_lora.quant.layout import pack_weight
+from tests.format.test_layout import sm70_by_steps, sm75_by_gather, stored_bytes
 from tests.helpers import tiny_llama, token_batch
-from tests.quant.test_layout import sm70_by_steps, sm75_by_gather, stored_bytes
 
 WIDE = dict(hidden_size=128, intermediate_size=256)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

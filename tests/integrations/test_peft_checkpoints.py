@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import eetq_lora.quant.linear as linear_module
 from eetq_lora import EetqLinear, get_peft_model, mark_eetq_quantized, quantize_model
-from eetq_lora.quant.layout import pack_weight, resolve_layout
+from eetq_lora.format.layout import pack_weight, resolve_layout
 from tests.helpers import tiny_llama, token_batch
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -3,19 +3,18 @@
 import pytest
 import torch
 
-import eetq_lora.kernels as kernels
-from eetq_lora.kernels import (
+import eetq_lora.kernels.dispatch as dispatch
+from eetq_lora.kernels import cpu, cpu_library
+from eetq_lora.kernels.dispatch import (
     INT8PACK_MAX_ROWS,
     STREAM_MAX_ROWS,
     STREAM_MAX_ROWS_FLOAT32_KERNELS,
-    compute_dtype,
-    cpu,
-    cpu_library,
     int8_linear,
     matmul_forward,
     matmul_grad_input,
     select_path,
 )
+from eetq_lora.kernels.policy import compute_dtype
 from tests.kernels.helpers import float64_forward, float64_grad_input, int8_weight, relative_error
 
 # Relative error budget against float64 by compute dtype (see test_cpu_paths).
@@ -31,53 +30,53 @@ needs_native = pytest.mark.skipif(not cpu_library.is_available(), reason="no com
 @pytest.mark.parametrize("op", ["forward", "grad_input"])
 def test_cpu_rows_threshold_separates_stream_and_tiled(compute, op):
     qweight, _ = int8_weight(64, 48)
-    limit = kernels._stream_limit(op, compute)
+    limit = dispatch.stream_limit(op, compute)
     assert limit in (STREAM_MAX_ROWS[(op, compute)], STREAM_MAX_ROWS_FLOAT32_KERNELS.get((op, compute)))
-    assert select_path("cpu", compute, 1, qweight, op) == "cpu-stream"
-    assert select_path("cpu", compute, limit, qweight, op) == "cpu-stream"
-    assert select_path("cpu", compute, limit + 1, qweight, op) == "cpu-tiled"
+    assert select_path("cpu", compute, 1, qweight, op).name == "cpu-stream"
+    assert select_path("cpu", compute, limit, qweight, op).name == "cpu-stream"
+    assert select_path("cpu", compute, limit + 1, qweight, op).name == "cpu-tiled"
 
 
 @needs_native
 def test_bfloat16_gradients_leave_streaming_sooner_without_bf16_dot_products(monkeypatch):
     monkeypatch.setattr(cpu_library, "has_bf16_dot", lambda: False)
     qweight, _ = int8_weight(64, 48)
-    assert select_path("cpu", torch.bfloat16, 8, qweight, "grad_input") == "cpu-stream"
-    assert select_path("cpu", torch.bfloat16, 9, qweight, "grad_input") == "cpu-tiled"
-    assert select_path("cpu", torch.bfloat16, 32, qweight, "forward") == "cpu-stream"
+    assert select_path("cpu", torch.bfloat16, 8, qweight, "grad_input").name == "cpu-stream"
+    assert select_path("cpu", torch.bfloat16, 9, qweight, "grad_input").name == "cpu-tiled"
+    assert select_path("cpu", torch.bfloat16, 32, qweight, "forward").name == "cpu-stream"
 
 
 def test_without_compiled_kernels_cpu_uses_torch_paths(monkeypatch):
     monkeypatch.setattr(cpu_library, "is_available", lambda: False)
     packed, _ = int8_weight(64, 48, "out_in")
     plain, _ = int8_weight(64, 48, "in_out")
-    assert select_path("cpu", torch.bfloat16, 1, packed) == "cpu-int8pack"
-    assert select_path("cpu", torch.bfloat16, INT8PACK_MAX_ROWS, packed) == "cpu-int8pack"
-    assert select_path("cpu", torch.bfloat16, INT8PACK_MAX_ROWS + 1, packed) == "cpu-tiled"
-    assert select_path("cpu", torch.bfloat16, 1, plain) == "cpu-tiled"
-    assert select_path("cpu", torch.bfloat16, 1, packed, "grad_input") == "cpu-tiled"
-    assert select_path("cpu", torch.float32, 1, packed) == "cpu-tiled"
+    assert select_path("cpu", torch.bfloat16, 1, packed).name == "cpu-int8pack"
+    assert select_path("cpu", torch.bfloat16, INT8PACK_MAX_ROWS, packed).name == "cpu-int8pack"
+    assert select_path("cpu", torch.bfloat16, INT8PACK_MAX_ROWS + 1, packed).name == "cpu-tiled"
+    assert select_path("cpu", torch.bfloat16, 1, plain).name == "cpu-tiled"
+    assert select_path("cpu", torch.bfloat16, 1, packed, "grad_input").name == "cpu-tiled"
+    assert select_path("cpu", torch.float32, 1, packed).name == "cpu-tiled"
 
 
 def test_other_devices_and_cuda_without_triton_use_reference(monkeypatch):
     qweight, _ = int8_weight(64, 48)
-    assert select_path("mps", torch.float32, 1, qweight) == "reference"
-    monkeypatch.setattr(kernels, "_triton_usable", lambda: True)
-    assert select_path("cuda", torch.float16, 1, qweight) == "cuda-triton"
-    below = kernels.CUDA_DEQUANT_MIN_ROWS - 1
-    assert select_path("cuda", torch.bfloat16, below, qweight, "grad_input") == "cuda-triton"
-    assert select_path("cuda", torch.bfloat16, below + 1, qweight, "grad_input") == "cuda-dequant"
-    assert select_path("cuda", torch.float16, 4096, qweight) == "cuda-dequant"
-    assert select_path("cuda", torch.float32, 1, qweight) == "cuda-dequant"
-    monkeypatch.setattr(kernels, "_triton_usable", lambda: False)
-    assert select_path("cuda", torch.float16, 1, qweight) == "reference"
-    assert select_path("cuda", torch.float32, 1, qweight) == "reference"
+    assert select_path("mps", torch.float32, 1, qweight).name == "reference"
+    monkeypatch.setattr(dispatch, "_triton_usable", lambda: True)
+    assert select_path("cuda", torch.float16, 1, qweight).name == "cuda-triton"
+    below = dispatch.CUDA_DEQUANT_MIN_ROWS - 1
+    assert select_path("cuda", torch.bfloat16, below, qweight, "grad_input").name == "cuda-triton"
+    assert select_path("cuda", torch.bfloat16, below + 1, qweight, "grad_input").name == "cuda-dequant"
+    assert select_path("cuda", torch.float16, 4096, qweight).name == "cuda-dequant"
+    assert select_path("cuda", torch.float32, 1, qweight).name == "cuda-dequant"
+    monkeypatch.setattr(dispatch, "_triton_usable", lambda: False)
+    assert select_path("cuda", torch.float16, 1, qweight).name == "reference"
+    assert select_path("cuda", torch.float32, 1, qweight).name == "reference"
 
 
 def test_environment_forces_reference(monkeypatch):
     monkeypatch.setenv("EETQ_LORA_KERNELS", "reference")
     qweight, _ = int8_weight(64, 48)
-    assert select_path("cpu", torch.bfloat16, 1, qweight) == "reference"
+    assert select_path("cpu", torch.bfloat16, 1, qweight).name == "reference"
 
 
 @pytest.mark.parametrize("use_native", [True, False])
@@ -118,7 +117,7 @@ def test_backward_uses_the_compute_dtype_of_its_forward(monkeypatch):
         seen.append(dtype)
         return original(grad, qweight, scales, dtype)
 
-    monkeypatch.setattr(cpu, "tiled_grad_input", spy)
+    monkeypatch.setattr(dispatch, "CPU_TILED", dispatch.CPU_TILED._replace(grad_input=spy))
     monkeypatch.setattr(cpu_library, "is_available", lambda: False)
     qweight, scales = int8_weight(96, 80)
     x = torch.randn(300, 96, requires_grad=True)
@@ -158,10 +157,10 @@ def test_decode_step_skips_the_general_dispatch_and_agrees_with_it(monkeypatch, 
     qweight, scales = int8_weight(96, 80)
     x = torch.randn(1, rows, 96).to(dtype)
     bias = torch.randn(80).half()
-    expected = kernels.matmul_forward(x.reshape(-1, 96), qweight, scales).reshape(1, rows, 80) + bias.to(dtype)
-    monkeypatch.setattr(kernels, "matmul_forward", lambda *args: pytest.fail("took the general path"))
+    expected = dispatch.matmul_forward(x.reshape(-1, 96), qweight, scales).reshape(1, rows, 80) + bias.to(dtype)
+    monkeypatch.setattr(dispatch, "matmul_forward", lambda *args: pytest.fail("took the general path"))
     with torch.no_grad():
-        out = kernels.int8_linear(x, qweight, scales, bias)
+        out = dispatch.int8_linear(x, qweight, scales, bias)
     assert out.dtype == dtype and torch.equal(out, expected)
 
 
@@ -169,14 +168,14 @@ def test_decode_step_skips_the_general_dispatch_and_agrees_with_it(monkeypatch, 
 def test_decode_step_leaves_other_cases_to_the_dispatcher(monkeypatch):
     qweight, scales = int8_weight(96, 80)
     calls = []
-    general = kernels.matmul_forward
-    monkeypatch.setattr(kernels, "matmul_forward", lambda *args: calls.append(1) or general(*args))
+    general = dispatch.matmul_forward
+    monkeypatch.setattr(dispatch, "matmul_forward", lambda *args: calls.append(1) or general(*args))
     with torch.no_grad():
-        kernels.int8_linear(torch.randn(96, 2).t(), qweight, scales, None)  # non-contiguous activation
-        kernels.int8_linear(torch.randn(8, 96), qweight, scales, None)  # M past the decode rows
-        kernels.int8_linear(torch.randn(2, 96), qweight.t().contiguous().t(), scales, None)  # [out, in] storage
+        dispatch.int8_linear(torch.randn(96, 2).t(), qweight, scales, None)  # non-contiguous activation
+        dispatch.int8_linear(torch.randn(8, 96), qweight, scales, None)  # M past the decode rows
+        dispatch.int8_linear(torch.randn(2, 96), qweight.t().contiguous().t(), scales, None)  # [out, in] storage
         monkeypatch.setenv("EETQ_LORA_KERNELS", "reference")
-        kernels.int8_linear(torch.randn(2, 96), qweight, scales, None)
+        dispatch.int8_linear(torch.randn(2, 96), qweight, scales, None)
     assert len(calls) == 4
 
 
@@ -186,7 +185,7 @@ def test_decode_step_backward_agrees_with_the_general_gradient(monkeypatch, dtyp
     qweight, scales = int8_weight(96, 80)
     x = torch.randn(2, 96).to(dtype).requires_grad_()
     grad = torch.randn(2, 80).to(dtype)
-    expected = kernels.matmul_grad_input(grad, qweight, scales)
-    monkeypatch.setattr(kernels, "matmul_grad_input", lambda *args: pytest.fail("took the general path"))
-    kernels.int8_linear(x, qweight, scales, None).backward(grad)
+    expected = dispatch.matmul_grad_input(grad, qweight, scales)
+    monkeypatch.setattr(dispatch, "matmul_grad_input", lambda *args: pytest.fail("took the general path"))
+    dispatch.int8_linear(x, qweight, scales, None).backward(grad)
     assert x.grad.dtype == dtype and torch.equal(x.grad, expected)

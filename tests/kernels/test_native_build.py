@@ -36,7 +36,7 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch, fresh_native):
     assert len(record) == 1 and "\n" not in str(record[0].message)
     assert cpu_library.status()["available"] is False
     qweight, _ = int8_weight(64, 48)
-    assert kernels.select_path("cpu", torch.bfloat16, 1, qweight) != "cpu-stream"
+    assert kernels.select_path("cpu", torch.bfloat16, 1, qweight).name != "cpu-stream"
     _forward_still_matches()
 
 
@@ -155,7 +155,7 @@ PORTABLE_BUILDS = [
 def test_portable_builds_compute_the_same_products(monkeypatch, fresh_native, flags):
     # This machine builds with -march=native; the kernels' scalar and AVX2 branches are what other
     # CPUs run, so they are built and checked here too.
-    from eetq_lora.kernels import cpu, decode
+    from eetq_lora.kernels import cpu, dispatch, stream
 
     monkeypatch.setattr(cpu_library, "_FLAG_SETS", (flags,))
     assert cpu_library.is_available() and not cpu_library.has_bf16_dot()
@@ -169,10 +169,10 @@ def test_portable_builds_compute_the_same_products(monkeypatch, fresh_native, fl
                 assert relative_error(y, float64_forward(x, qweight, scales)) < budget
                 assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < budget
     qweight, scales = int8_weight(100, 37)
-    plan = decode.StreamPlan(qweight, scales)
+    plan = stream.StreamPlan(qweight, scales)
     lora_a, lora_b = torch.randn(5, 100) / 10, torch.randn(37, 5) / 10
     x = torch.randn(1, 100).half()
     with torch.no_grad():
-        out = decode.forward_with_adapter(plan, x, lora_a, lora_b, 2.0)
+        out = dispatch.fused_adapter_forward(plan, x, lora_a, lora_b, 2.0)
     expected = float64_forward(x, qweight, scales) + x.double() @ lora_a.double().t() @ lora_b.double().t() * 2.0
     assert out.dtype == torch.float16 and relative_error(out, expected) < 2**-10

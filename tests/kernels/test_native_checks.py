@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from eetq_lora import EetqLinear
-from eetq_lora.kernels import cpu_library, decode, native
+from eetq_lora.kernels import cpu_library, dispatch, native, stream
 from eetq_lora.kernels.native import KernelInputError
 
 pytestmark = pytest.mark.skipif(not cpu_library.is_available(), reason="no compiled kernels")
@@ -98,8 +98,9 @@ def test_scales_shorter_than_the_outputs_raise_at_every_size(rows):
 
 def test_a_decode_adapter_on_another_device_takes_the_general_path():
     layer = EetqLinear.from_linear(nn.Linear(64, 48, bias=False))
-    plan = decode.StreamPlan(layer.weight, layer.weight_scales)
+    plan = stream.StreamPlan(layer.weight, layer.weight_scales)
     x = torch.randn(1, 64)
     with torch.no_grad():
-        assert decode.forward_with_adapter(plan, x, torch.randn(4, 64, device="meta"), torch.randn(48, 4), 1.0) is None
-        assert decode.forward_with_adapter(plan, x, torch.randn(4, 64), torch.randn(48, 4, device="meta"), 1.0) is None
+        fused = dispatch.fused_adapter_forward
+        assert fused(plan, x, torch.randn(4, 64, device="meta"), torch.randn(48, 4), 1.0) is None
+        assert fused(plan, x, torch.randn(4, 64), torch.randn(48, 4, device="meta"), 1.0) is None

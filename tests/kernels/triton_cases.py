@@ -92,19 +92,20 @@ def test_split_sum_is_one_rounding_of_the_float32_sum(dtype):
 def test_dispatcher_cuda_paths_match_float64(monkeypatch, path_rows):
     # The dispatcher's CUDA branches (fused kernel below CUDA_DEQUANT_MIN_ROWS, dequantize + GEMM
     # from it on), run on CPU tensors by forcing the path.
-    from eetq_lora import kernels
+    from eetq_lora.kernels import dispatch
 
-    expected_path = "cuda-triton" if path_rows < kernels.CUDA_DEQUANT_MIN_ROWS else "cuda-dequant"
-    monkeypatch.setattr(kernels, "select_path", lambda *args, **kwargs: expected_path)
+    paths = {"cuda-triton": dispatch.CUDA_TRITON, "cuda-dequant": dispatch.CUDA_DEQUANT}
+    expected_path = "cuda-triton" if path_rows < dispatch.CUDA_DEQUANT_MIN_ROWS else "cuda-dequant"
+    monkeypatch.setattr(dispatch, "select_path", lambda *args, **kwargs: paths[expected_path])
     qweight, scales = int8_weight(96, 80)
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(path_rows, 96).to(dtype)
         grad = torch.randn(path_rows, 80).to(dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failing kernel would warn and fall back to the reference
-            y = kernels.matmul_forward(x, qweight, scales, dtype)
-            dx = kernels.matmul_grad_input(grad, qweight, scales, dtype)
-        assert not kernels._triton_failed
+            y = dispatch.matmul_forward(x, qweight, scales, dtype)
+            dx = dispatch.matmul_grad_input(grad, qweight, scales, dtype)
+        assert not dispatch._triton_failed
         assert y.dtype == dx.dtype == dtype
         assert relative_error(y, float64_forward(x, qweight, scales)) < BUDGET[dtype]
         assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < BUDGET[dtype]

@@ -5,7 +5,8 @@ import torch
 from peft import LoraConfig
 
 import eetq_lora
-from eetq_lora.kernels import cpu_library, decode
+import eetq_lora.quant.linear as linear_module
+from eetq_lora.kernels import cpu_library, dispatch
 from tests.helpers import tiny_llama
 
 pytestmark = pytest.mark.skipif(not cpu_library.is_available(), reason="no compiled kernels")
@@ -36,8 +37,8 @@ def test_matches_the_general_path(monkeypatch, dtype, shape):
     model.eval()
     x = torch.randn(*shape).to(dtype)
     calls = []
-    original = decode.forward_with_adapter
-    monkeypatch.setattr(decode, "forward_with_adapter", lambda *a: calls.append(1) or original(*a))
+    original = dispatch.fused_adapter_forward
+    monkeypatch.setattr(linear_module, "fused_adapter_forward", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         fast = layer(x)
         expected = general_path(layer, x)
@@ -66,7 +67,7 @@ def test_whole_model_generation_is_unchanged():
 
 def test_steps_aside_where_it_does_not_apply(monkeypatch):
     calls = []
-    monkeypatch.setattr(decode, "forward_with_adapter", lambda *a: calls.append(1))  # returns None
+    monkeypatch.setattr(linear_module, "fused_adapter_forward", lambda *a: calls.append(1))  # returns None
     model, layer = lora_layer()
     x = torch.randn(1, 64)
     model.train()
@@ -96,7 +97,7 @@ def test_the_kernel_declines_anything_that_needs_a_gradient():
     lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     x = torch.randn(1, 64)
     plan = base.stream_plan()
-    step = decode.forward_with_adapter
+    step = dispatch.fused_adapter_forward
     assert lora_a.requires_grad and step(plan, x, lora_a, lora_b, 2.0) is None
     with torch.no_grad():
         assert step(plan, x, lora_a, lora_b, 2.0) is not None

@@ -66,7 +66,7 @@ def test_is_eetq_available_reports_the_eetq_package():
 def test_upstream_eetq_linear_is_recognised():
     from eetq import EetqLinear as UpstreamEetqLinear
 
-    from eetq_lora._compat import eetq_layer_classes
+    from eetq_lora.integrations.eetq_layers import eetq_layer_classes
 
     assert UpstreamEetqLinear in eetq_layer_classes()
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import eetq_lora  # noqa: E402
 from eetq_lora import EetqLinear  # noqa: E402
+from eetq_lora.format.layout import unpack_weight  # noqa: E402
 from eetq_lora.parallel import local_int8_bytes  # noqa: E402
 from eetq_lora.parallel.zero3 import (  # noqa: E402
     Zero3Error,
@@ -26,7 +27,6 @@ from eetq_lora.parallel.zero3 import (  # noqa: E402
     is_partitioned,
     save_adapter,
 )
-from eetq_lora.quant.layout import unpack_weight  # noqa: E402
 from tests.helpers import tiny_llama  # noqa: E402
 from tests.parallel.ranks import run_ranks  # noqa: E402
 from tests.parallel.test_fsdp2 import churn_allocator, lora_model, loss_of, rank_batch  # noqa: E402

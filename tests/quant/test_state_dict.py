@@ -8,9 +8,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import eetq_lora.quant.linear as linear_module
+from eetq_lora.format.layout import LAYOUTS, pack_weight
 from eetq_lora.quant import EetqLinear, set_checkpoint_layout
-from eetq_lora.quant.layout import LAYOUTS, pack_weight
-from tests.quant.test_layout import sm70_by_steps, sm75_by_gather, stored_bytes
+from tests.format.test_layout import sm70_by_steps, sm75_by_gather, stored_bytes
 
 
 def quantized(in_features=128, out_features=192, bias=True, seed=0, **kwargs) -> EetqLinear:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..format.layout import DEFAULT_LAYOUT, LAYOUTS
 from ..quant.convert import quantize_checkpoint
-from ..quant.layout import DEFAULT_LAYOUT, LAYOUTS
 from .common import EXIT_OK, add_subcommand, handles_errors, thread_count
 
 

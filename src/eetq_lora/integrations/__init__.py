@@ -1,4 +1,4 @@
-"""Integrations with other libraries: transformers' quantizer registry (see ``hf_quantizer``)."""
+"""Integrations with transformers: its quantizer registry (``hf_quantizer``) and ``quantize_model``."""
 
 from .hf_quantizer import (
     EetqLoraHfQuantizer,
@@ -8,6 +8,7 @@ from .hf_quantizer import (
     mark_eetq_quantized,
     read_checkpoint_layout,
 )
+from .quantize_model import quantize_model
 
 __all__ = [
     "EetqLoraHfQuantizer",
@@ -15,5 +16,6 @@ __all__ = [
     "enable_transformers",
     "is_transformers_enabled",
     "mark_eetq_quantized",
+    "quantize_model",
     "read_checkpoint_layout",
 ]

@@ -30,12 +30,11 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from ..quant.layout import DEFAULT_LAYOUT, METADATA_KEY, check_layout, resolve_layout, unpack_weight
+from ..format.layout import DEFAULT_LAYOUT, METADATA_KEY, check_layout, resolve_layout, unpack_weight
+from ..format.quantize import FLOAT_DTYPES, quantize_weight
 from ..quant.linear import EetqLinear
-from ..quant.quantize import quantize_weight
 
 QUANT_METHOD = "eetq"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _stock_quantizer: type[HfQuantizer] | None = None
 _default_layout = DEFAULT_LAYOUT
 
@@ -237,7 +236,7 @@ class EetqLoraHfQuantizer(HfQuantizer):
         for name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear) or not should_convert_module(name, self.modules_to_not_convert):
                 continue
-            bias_dtype = module.weight.dtype if module.weight.dtype in _FLOAT_DTYPES else torch.float16
+            bias_dtype = module.weight.dtype if module.weight.dtype in FLOAT_DTYPES else torch.float16
             with torch.device("meta"):
                 layer = EetqLinear(
                     module.in_features,
@@ -283,7 +282,7 @@ class EetqLoraHfQuantizer(HfQuantizer):
         return None, {METADATA_KEY: layouts.pop() if layouts else DEFAULT_LAYOUT}
 
     def _dequantize(self, model, dtype=None):
-        dtype = dtype if dtype in _FLOAT_DTYPES else torch.float16
+        dtype = dtype if dtype in FLOAT_DTYPES else torch.float16
         for name, module in list(model.named_modules()):
             if not isinstance(module, EetqLinear):
                 continue

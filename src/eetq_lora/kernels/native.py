@@ -180,6 +180,63 @@ def dequantize_into(
 STREAM_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+class StreamWeight:
+    """The weight side of an ``eetq_stream`` call: int8 ``q`` [rows, columns] with row pitch ``ldq`` and
+    its float16 scales, one per row (``scale_on_rows``) or per column; plain addresses, valid only while
+    the tensors they were read from live unchanged (``kernels.stream.StreamPlan`` checks that)."""
+
+    __slots__ = ("kernel", "q_ptr", "rows", "columns", "ldq", "scales_ptr", "scale_on_rows")
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, scale_on_rows: bool) -> None:
+        self.kernel = library().eetq_stream
+        self.q_ptr, self.scales_ptr = q.data_ptr(), scales.data_ptr()
+        self.rows, self.columns = q.shape
+        self.ldq = q.stride(0)
+        self.scale_on_rows = int(scale_on_rows)
+
+
+def launch_stream(
+    weight: StreamWeight,
+    rowaxpy: bool,
+    a: torch.Tensor,
+    rows: int,
+    lda: int,
+    out: torch.Tensor,
+    ldo: int,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> None:
+    """The one place that calls ``eetq_stream``: ``out = a @ dequant(q)`` (``rowaxpy``) or ``a @ dequant(q)^T``.
+
+    ``a`` holds ``rows`` rows of pitch ``lda`` and ``out`` has pitch ``ldo``; each is float32, bfloat16
+    or float16 (converted exactly, the result rounded once). ``lora=(A [rank, K], B [N, rank], scaling)``
+    adds a float32 adapter as PEFT's layer does. Callers have checked every operand.
+    """
+    lora_a, lora_b, scaling = lora if lora is not None else (None, None, 0.0)
+    status_code = weight.kernel(
+        int(rowaxpy),
+        a.data_ptr(),
+        STREAM_FORMATS[a.dtype],
+        rows,
+        lda,
+        weight.q_ptr,
+        weight.rows,
+        weight.columns,
+        weight.ldq,
+        weight.scales_ptr,
+        weight.scale_on_rows,
+        out.data_ptr(),
+        STREAM_FORMATS[out.dtype],
+        ldo,
+        None if lora_a is None else lora_a.data_ptr(),
+        0 if lora_a is None else lora_a.shape[0],
+        None if lora_b is None else lora_b.data_ptr(),
+        float(scaling),
+        threads_for(rows * weight.rows * weight.columns),
+    )
+    if status_code != 0:
+        raise MemoryError("eetq_lora: the CPU streaming kernel could not allocate its workspace")
+
+
 def stream(
     a: torch.Tensor,
     q: torch.Tensor,
@@ -191,44 +248,15 @@ def stream(
 
     ``a`` is float32, bfloat16 or float16 with unit column stride, ``scales`` float16 (contiguous):
     the kernel converts both exactly and rounds the result once; see ``eetq_stream`` in the C source.
-    (``decode.py`` calls the same kernel with a fused LoRA adapter.)
     """
     side = "rows" if scale_on_rows else "columns"
+    rowaxpy = kernel == "rowaxpy"
     check_operands(
-        kernel,
-        a,
-        tuple(STREAM_FORMATS),
-        "columns" if kernel == "rowdot" else "rows",
-        q,
-        {side: (scales, torch.float16)},
+        kernel, a, tuple(STREAM_FORMATS), "rows" if rowaxpy else "columns", q, {side: (scales, torch.float16)}
     )
-    lib = library()
-    m, r, c = a.shape[0], q.shape[0], q.shape[1]
-    out = torch.empty(m, c if kernel == "rowaxpy" else r, dtype=a.dtype)
-    a_format = STREAM_FORMATS[a.dtype]
-    status_code = lib.eetq_stream(
-        int(kernel == "rowaxpy"),
-        a.data_ptr(),
-        a_format,
-        m,
-        a.stride(0),
-        q.data_ptr(),
-        r,
-        c,
-        q.stride(0),
-        scales.data_ptr(),
-        int(scale_on_rows),
-        out.data_ptr(),
-        a_format,
-        out.stride(0),
-        None,
-        0,
-        None,
-        0.0,
-        _threads(m, q),
-    )
-    if status_code != 0:
-        raise MemoryError(f"eetq_lora: the CPU {kernel} kernel could not allocate its workspace")
+    m = a.shape[0]
+    out = torch.empty(m, q.shape[1] if rowaxpy else q.shape[0], dtype=a.dtype)
+    launch_stream(StreamWeight(q, scales, scale_on_rows), rowaxpy, a, m, a.stride(0), out, out.stride(0))
     return out
 
 

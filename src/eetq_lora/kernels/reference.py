@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.quantize import dequantize_weight
+from ..format.quantize import dequantize_weight
 
 
 def _dequantized_t(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

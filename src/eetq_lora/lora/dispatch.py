@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .._compat import eetq_layer_classes
+from ..integrations.eetq_layers import eetq_layer_classes
 from .layer import EetqLoraLinear
 
 

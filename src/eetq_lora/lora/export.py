@@ -17,15 +17,14 @@ from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from .._compat import eetq_layer_classes
 from ..files import publish_folder
+from ..format.quantize import FLOAT_DTYPES
+from ..integrations.eetq_layers import eetq_layer_classes
+from ..integrations.quantize_model import quantize_model
 from ..quant.linear import EetqLinear
-from ..quant.model import quantize_model
 from .layer import EetqLoraLinear
 
 logger = logging.getLogger("eetq_lora")
-
-_EXPORT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass
@@ -113,7 +112,7 @@ def export_merged(
     """
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"export_merged expects a peft.PeftModel, got {type(peft_model).__name__}")
-    if dtype not in _EXPORT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"export_merged writes float16, bfloat16 or float32 weights, got dtype={dtype}")
     out_dir = Path(out_dir)
     _check_destination(out_dir, overwrite)

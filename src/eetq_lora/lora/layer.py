@@ -9,8 +9,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 
-from ..kernels import decode
-from ..quant import EetqLinear
+from ..quant.linear import EetqLinear
 from .side_path import lora_side_path
 
 # Inits that derive A/B from (and rewrite) the float base weight; an int8 base cannot provide that.
@@ -177,12 +176,12 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
         )
 
     def _decode_step(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        # Token-by-token generation on CPU: base matmul and the one active adapter in one compiled
-        # call (kernels.decode), None whenever that call does not cover this case. Eval mode only:
+        # Token-by-token generation: the base layer runs its matmul and the one active adapter in one
+        # fused call where it has one (EetqLinear.forward_with_adapter), None otherwise. Eval mode only:
         # its adapter sums may differ from torch's GEMM in the last bit, and a training forward (a
         # checkpointed one, say) must match its recomputation exactly. Every step here is a plain
         # attribute or dict lookup: with cold caches each Python step costs microseconds.
-        if self.training or self.disable_adapters or not x.is_cpu or decode.autocast_active():
+        if self.training or self.disable_adapters:
             return None
         active = self.active_adapter
         if type(active) is not str:
@@ -192,17 +191,12 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
         lora_A = self.lora_A._modules.get(active)
         lora_B = self.lora_B._modules.get(active)
         base = self.base_layer
-        if lora_A is None or lora_B is None or type(base) is not EetqLinear or base.bias is not None:
+        if lora_A is None or lora_B is None or type(base) is not EetqLinear:
             return None
         dropout = self.lora_dropout[active]
         if (dropout.training and type(dropout) is not torch.nn.Identity) or not self._plain_adapter(lora_A, lora_B):
             return None
-        if torch.compiler.is_compiling():
-            return None
-        plan = base.stream_plan()
-        if plan is None:
-            return None
-        return decode.forward_with_adapter(plan, x, lora_A.weight, lora_B.weight, self.scaling[active])
+        return base.forward_with_adapter(x, lora_A.weight, lora_B.weight, self.scaling[active])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not args and not kwargs:

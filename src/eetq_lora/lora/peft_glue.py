@@ -10,7 +10,7 @@ import peft
 import torch
 from peft import LoraConfig, PeftModel
 
-from .._compat import eetq_layer_classes
+from ..integrations.eetq_layers import eetq_layer_classes
 from .layer import EetqLoraLinear
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .._compat import eetq_layer_classes
+from ..integrations.eetq_layers import eetq_layer_classes
 from .dispatch import dispatch_eetq
 
 _DISPATCH_MODULE = "peft.tuners.lora.model"

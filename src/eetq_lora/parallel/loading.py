@@ -31,8 +31,8 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from ..format.layout import resolve_layout, unpack_weight
 from ..integrations.hf_quantizer import QUANT_METHOD, EetqLoraHfQuantizer
-from ..quant.layout import resolve_layout, unpack_weight
 from ..quant.linear import EetqLinear
 from .fsdp import _fully_shard_units, check_shardable, unwrap_model
 

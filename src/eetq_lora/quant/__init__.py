@@ -1,17 +1,6 @@
-"""The EETQ int8 format: quantization math, checkpoint layouts, the EetqLinear layer, whole-model conversion."""
+"""EETQ int8 layers: EetqLinear (the frozen int8 linear that owns its matmul) and in-place model conversion."""
 
-from .layout import LAYOUTS, pack_weight, unpack_weight
 from .linear import EetqLinear, set_checkpoint_layout
-from .model import quantize_model
-from .quantize import dequantize_weight, quantize_weight
+from .model import quantize_linears
 
-__all__ = [
-    "LAYOUTS",
-    "EetqLinear",
-    "dequantize_weight",
-    "pack_weight",
-    "quantize_model",
-    "quantize_weight",
-    "set_checkpoint_layout",
-    "unpack_weight",
-]
+__all__ = ["EetqLinear", "quantize_linears", "set_checkpoint_layout"]

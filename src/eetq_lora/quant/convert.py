@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..files import FolderLock, find_leftovers, publish_folder, remove_path, restore_replaced
-from .layout import DEFAULT_LAYOUT, METADATA_KEY, check_layout, pack_weight, resolve_layout
-from .quantize import quantize_weight
+from ..format.layout import DEFAULT_LAYOUT, METADATA_KEY, check_layout, pack_weight, resolve_layout
+from ..format.quantize import quantize_weight
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -7,9 +7,10 @@ import weakref
 import torch
 from torch import nn
 
-from ..kernels import decode, int8_linear
-from .layout import DEFAULT_LAYOUT, check_layout, pack_weight, resolve_layout, unpack_weight
-from .quantize import dequantize_weight, quantize_weight
+from ..format.layout import DEFAULT_LAYOUT, check_layout, pack_weight, resolve_layout, unpack_weight
+from ..format.quantize import FLOAT_DTYPES, dequantize_weight, quantize_weight
+from ..kernels import stream
+from ..kernels.dispatch import fused_adapter_forward, int8_linear
 
 # Each layer's most recent packed checkpoint weight, held weakly: (destination key, memo, tensor ref).
 # PEFT registers one base layer under two names (base_layer and quant_linear_module), so a single
@@ -47,7 +48,7 @@ class EetqLinear(nn.Module):
             raise ValueError(
                 f"EetqLinear needs positive sizes, got in_features={in_features}, out_features={out_features}"
             )
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"EetqLinear dtype is the bias dtype and must be a float dtype, got {dtype}")
         self.in_features = in_features
         self.out_features = out_features
@@ -91,7 +92,7 @@ class EetqLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, scales = self.weight, self.weight_scales
-        if decode.autocast_active():
+        if _autocast_active():
             device_type = x.device.type
             if torch.is_autocast_enabled(device_type) and torch.is_floating_point(x):
                 # Like nn.Linear under autocast: run in the autocast dtype, then let the kernel pick
@@ -100,16 +101,29 @@ class EetqLinear(nn.Module):
                 with torch.autocast(device_type, enabled=False):
                     return int8_linear(x, weight, scales, self.bias)
         elif x.is_cpu and not torch.compiler.is_compiling():
-            # The cached plan spares a CPU call the per-call checks of the weight (see kernels.decode).
-            return int8_linear(x, weight, scales, self.bias, decode.layer_plan(self, weight, scales))
+            # The cached plan spares a CPU call the per-call checks of the weight (see kernels.stream).
+            return int8_linear(x, weight, scales, self.bias, stream.layer_plan(self, weight, scales))
         return int8_linear(x, weight, scales, self.bias)
 
-    def stream_plan(self) -> "decode.StreamPlan | None":
-        """This layer's cached CPU decode plan (see ``kernels.decode``), None where its weight cannot stream."""
-        return decode.layer_plan(self, self.weight, self.weight_scales)
+    def forward_with_adapter(
+        self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+    ) -> torch.Tensor | None:
+        """``self(x) + (x @ lora_a.T @ lora_b.T) * scaling`` with PEFT's roundings, in one fused call, where
+        one covers the case (CPU decoding: few rows, no bias, nothing needing a gradient, float32 adapter
+        weights A [rank, in] and B [out, rank]); None otherwise, and the caller runs base and adapter itself."""
+        if self.bias is not None or not x.is_cpu or _autocast_active() or torch.compiler.is_compiling():
+            return None
+        plan = stream.layer_plan(self, self.weight, self.weight_scales)
+        if plan is None:
+            return None
+        return fused_adapter_forward(plan, x, lora_a, lora_b, scaling)
+
+    def stream_plan(self) -> "stream.StreamPlan | None":
+        """This layer's cached CPU one-call plan (see ``kernels.stream``), None where its weight cannot stream."""
+        return stream.layer_plan(self, self.weight, self.weight_scales)
 
     def _apply(self, fn, recurse=True):
-        decode.forget_plan(self)
+        stream.forget_plan(self)
         scales = self.weight_scales
         super()._apply(fn, recurse)
         if self.weight_scales.dtype != torch.float16:
@@ -210,6 +224,14 @@ class EetqLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _autocast_active() -> bool:
+    # One call where torch has it: whether any device's autocast is on.
+    return _any_autocast() if _any_autocast is not None else torch.is_autocast_enabled("cpu")
 
 
 def _holds_whole_weight(weight: torch.Tensor, in_features: int, out_features: int) -> bool:

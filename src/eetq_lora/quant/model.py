@@ -1,4 +1,4 @@
-"""quantize_model: swap a model's nn.Linear layers for EetqLinear in place."""
+"""Swap a model's nn.Linear layers for EetqLinear in place (``quantize_linears``)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from collections.abc import Iterable
 
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
-from transformers import PreTrainedModel
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from ..format.quantize import check_quantizable
 from .linear import EetqLinear
-from .quantize import check_quantizable
 
 logger = logging.getLogger("eetq_lora")
 
@@ -36,14 +35,12 @@ def _tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def quantize_model(model: nn.Module, modules_to_not_convert: Iterable[str] = ("lm_head",)) -> nn.Module:
+def quantize_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = ("lm_head",)) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` (except ``modules_to_not_convert``) by an EetqLinear, in place.
 
     Every weight is checked first (finite, in range, loaded), so a bad one raises before any layer
-    changes; then the float weights are released layer by layer. The model is returned. Logs how many layers
-    were converted and how many bytes that saved. A transformers model is also marked as
-    EETQ-quantized, so its ``save_pretrained`` writes an EETQ checkpoint that ``from_pretrained``
-    reads back.
+    changes; then the float weights are released layer by layer. Returns the converted layers' names
+    and logs how many bytes that saved. ``eetq_lora.quantize_model`` also marks the model as quantized.
     """
     skips = tuple(modules_to_not_convert or ())
     names = [name for name, module in model.named_modules() if _is_convertible(module) and not is_skipped(name, skips)]
@@ -60,14 +57,6 @@ def quantize_model(model: nn.Module, modules_to_not_convert: Iterable[str] = ("l
         quantized = EetqLinear.from_linear(linear, name=name)
         bytes_after += _tensor_bytes(quantized)
         model.set_submodule(name, quantized)
-    if names and isinstance(model, PreTrainedModel):
-        # save_pretrained then writes an EETQ checkpoint, and PEFT/Trainer see an EETQ model.
-        from ..integrations import mark_eetq_quantized
-
-        mark_eetq_quantized(model, skips)
-    elif names:
-        # The marker transformers' quantizers set; PEFT's prepare_model_for_kbit_training reads it.
-        model.quantization_method = "eetq"
     logger.info(
         "eetq_lora: converted %d linear layers to EETQ int8, %.1f MiB -> %.1f MiB (saved %.1f MiB)",
         len(names),
@@ -75,4 +64,4 @@ def quantize_model(model: nn.Module, modules_to_not_convert: Iterable[str] = ("l
         bytes_after / 2**20,
         (bytes_before - bytes_after) / 2**20,
     )
-    return model
+    return names

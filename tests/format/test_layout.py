@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eetq_lora.quant.layout import (
+from eetq_lora.format.layout import (
     LAYOUTS,
     fits_eetq_layout,
     pack_weight,

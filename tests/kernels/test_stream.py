@@ -1,4 +1,4 @@
-"""The CPU decode path: a layer's cached plan, when it is rebuilt, and that it agrees with the dispatcher."""
+"""The one-call CPU path: a layer's cached plan, when it is rebuilt, and that it agrees with the dispatcher."""
 
 import copy
 import gc
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-import eetq_lora.kernels as kernels
+import eetq_lora.kernels.dispatch as dispatch
 from eetq_lora import EetqLinear
-from eetq_lora.kernels import cpu_library, decode, native
+from eetq_lora.kernels import cpu_library, native
 from tests.kernels.helpers import float64_forward, float64_grad_input, relative_error
 
 pytestmark = pytest.mark.skipif(not cpu_library.is_available(), reason="no compiled kernels")
@@ -24,7 +24,7 @@ def layer(in_features=96, out_features=80, bias=False, seed=0):
 
 def general_forward(module, x):
     """The dispatcher's result for the same call, bypassing the decode path."""
-    out = kernels.matmul_forward(x.reshape(-1, module.in_features), module.weight, module.weight_scales)
+    out = dispatch.matmul_forward(x.reshape(-1, module.in_features), module.weight, module.weight_scales)
     out = out.reshape(*x.shape[:-1], module.out_features)
     return out if module.bias is None else out + module.bias.to(x.dtype)
 
@@ -36,7 +36,7 @@ def test_layer_decode_matches_the_dispatcher_and_float64(monkeypatch, dtype, sha
     module = layer(bias=bias)
     x = torch.randn(*shape).to(dtype)
     expected = general_forward(module, x)
-    monkeypatch.setattr(kernels, "matmul_forward", lambda *a: pytest.fail("took the general path"))
+    monkeypatch.setattr(dispatch, "matmul_forward", lambda *a: pytest.fail("took the general path"))
     with torch.no_grad():
         out = module(x)
     assert out.dtype == dtype and out.shape == expected.shape and torch.equal(out, expected)
@@ -107,25 +107,25 @@ def test_reference_switch_applies_to_layers_with_a_plan(monkeypatch):
     with torch.no_grad():
         module(x)
         monkeypatch.setenv("EETQ_LORA_KERNELS", "reference")
-        assert decode.reference_forced() and decode.forward(module.stream_plan(), x) is None
+        assert dispatch.reference_forced() and dispatch.one_call_forward(module.stream_plan(), x) is None
         paths = []
-        original = kernels.select_path
-        monkeypatch.setattr(kernels, "select_path", lambda *a: paths.append(original(*a)) or paths[-1])
+        original = dispatch.select_path
+        monkeypatch.setattr(dispatch, "select_path", lambda *a: paths.append(original(*a).name) or original(*a))
         module(x)
     assert paths == ["reference"]
     monkeypatch.setenv("EETQ_LORA_KERNELS", "")
-    assert not decode.reference_forced()
+    assert not dispatch.reference_forced()
 
 
 def test_cases_the_decode_path_leaves_to_the_dispatcher():
     module = layer()
     plan = module.stream_plan()
     with torch.no_grad():
-        assert decode.forward(plan, torch.randn(4, 96)) is None  # too many rows
-        assert decode.forward(plan, torch.randn(1, 96).double()) is None  # float64
-        assert decode.forward(plan, torch.randn(96, 2).t()) is None  # not contiguous
-        assert decode.forward(plan, torch.randn(1, 95)) is None  # wrong width
-        assert decode.forward(plan, torch.tensor(1.0)) is None  # zero-dimensional
+        assert dispatch.one_call_forward(plan, torch.randn(4, 96)) is None  # too many rows
+        assert dispatch.one_call_forward(plan, torch.randn(1, 96).double()) is None  # float64
+        assert dispatch.one_call_forward(plan, torch.randn(96, 2).t()) is None  # not contiguous
+        assert dispatch.one_call_forward(plan, torch.randn(1, 95)) is None  # wrong width
+        assert dispatch.one_call_forward(plan, torch.tensor(1.0)) is None  # zero-dimensional
     x = torch.randn(1, 96)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(x)  # like nn.Linear: the input is cast to the autocast dtype first
@@ -137,9 +137,9 @@ def test_training_step_uses_the_plan_forward_and_backward(monkeypatch):
     x = torch.randn(2, 96, requires_grad=True)
     grad = torch.randn(2, 80)
     expected = general_forward(module, x.detach())
-    expected_grad = kernels.matmul_grad_input(grad, module.weight, module.weight_scales)
-    monkeypatch.setattr(kernels, "matmul_forward", lambda *a: pytest.fail("took the general path"))
-    monkeypatch.setattr(kernels, "matmul_grad_input", lambda *a: pytest.fail("took the general path"))
+    expected_grad = dispatch.matmul_grad_input(grad, module.weight, module.weight_scales)
+    monkeypatch.setattr(dispatch, "matmul_forward", lambda *a: pytest.fail("took the general path"))
+    monkeypatch.setattr(dispatch, "matmul_grad_input", lambda *a: pytest.fail("took the general path"))
     out = module(x)
     out.backward(grad)
     assert torch.equal(out, expected) and torch.equal(x.grad, expected_grad)
@@ -156,7 +156,7 @@ def test_adapter_in_the_decode_call_matches_peft_roundings(rank, rows, dtype):
     lora_b = torch.randn(37, rank, generator=generator) / 10
     x = torch.randn(rows, 100, generator=generator).to(dtype)
     with torch.no_grad():
-        out = decode.forward_with_adapter(module.stream_plan(), x, lora_a, lora_b, 2.0)
+        out = dispatch.fused_adapter_forward(module.stream_plan(), x, lora_a, lora_b, 2.0)
         base = general_forward(module, x)
         # PEFT's steps: the adapter in float32 (here float64), cast to x's dtype, scaled, then added.
         adapter = (x.double() @ lora_a.double().t() @ lora_b.double().t()).to(dtype) * 2.0
@@ -181,7 +181,7 @@ def test_a_layer_with_a_plan_copies_and_pickles_and_the_copy_builds_its_own():
     for other in (twin, restored):
         with torch.no_grad():
             assert torch.equal(other(x), expected)
-        assert other.stream_plan().weight_ptr == other.weight.data_ptr() != module.weight.data_ptr()
+        assert other.stream_plan().q_ptr == other.weight.data_ptr() != module.weight.data_ptr()
 
 
 def test_decode_calls_split_over_threads_agree_with_float64(monkeypatch):
@@ -193,7 +193,7 @@ def test_decode_calls_split_over_threads_agree_with_float64(monkeypatch):
     monkeypatch.setattr(native, "SINGLE_THREAD_WORK_BYTES", 0)
     torch.set_num_threads(2)
     try:
-        out, grad_in = decode.forward(plan, x), decode.grad_input(plan, grad)
+        out, grad_in = dispatch.one_call_forward(plan, x), dispatch.one_call_grad_input(plan, grad)
     finally:
         torch.set_num_threads(threads)
     assert relative_error(out, float64_forward(x, module.weight, module.weight_scales)) < 1e-5

@@ -1,4 +1,4 @@
-"""Optional third-party EETQ layer classes this package recognises."""
+"""The EETQ linear classes this package recognises: its own, and those of `eetq` and transformers where installed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def is_eetq_available() -> bool:
 @lru_cache(maxsize=1)
 def eetq_layer_classes() -> tuple[type[nn.Module], ...]:
     """Every EETQ linear class importable here: ours, ``eetq.EetqLinear``, transformers' EetqLinear."""
-    from .quant.linear import EetqLinear
+    from ..quant.linear import EetqLinear
 
     classes: list[type[nn.Module]] = [EetqLinear]
     if is_eetq_available():
