@@ -1,4 +1,4 @@
-"""EETQ's checkpoint byte layouts for the int8 weight (REFERENCE.md section 2).
+"""EETQ's checkpoint byte layouts for the int8 weight.
 
 An EETQ checkpoint stores the quantized matrix Q (int8, [K=in_features, N=out_features]) as an
 int8 tensor of the same shape whose bytes are a permutation of ``uint8(Q + 128)``, arranged for

@@ -72,12 +72,11 @@ def check_operands(
 # The wrappers below check their operands (check_operands) and allocate their own outputs.
 
 
-# Below this much work (rows x int8 weight bytes) one thread beats two. Under
-# OMP_WAIT_POLICY=PASSIVE the OpenMP workers sleep between calls and waking one costs 25-50 µs
-# (2-core Zen 5), more than a small layer's whole matmul: SmolLM2-135M's layers (0.1-0.8 MiB)
-# decoded 2-6x faster on one thread. With OpenMP's default policy the workers spin between
-# calls, and two threads win from a few hundred KiB (SmolLM2 decoding 5-8% faster than at 4 MiB).
-# torch has loaded OpenMP by now, so the environment read here is the one it started with.
+# Below this much work (rows x int8 weight bytes) one thread beats several. Under
+# OMP_WAIT_POLICY=PASSIVE the OpenMP workers sleep between calls, and waking them costs more than a
+# small layer's whole matmul; under OpenMP's default policy they spin, and more threads pay off much
+# sooner (docs/architecture.md has the measurements behind both limits). torch has loaded OpenMP by
+# now, so the environment read here is the one it started with.
 def single_thread_work_bytes(wait_policy: str) -> int:
     """The one-thread limit for an ``OMP_WAIT_POLICY`` value ("" when unset)."""
     return 4 * 2**20 if wait_policy.strip().upper() == "PASSIVE" else 256 * 2**10

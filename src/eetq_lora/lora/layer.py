@@ -21,7 +21,7 @@ _EXPORT_HINT = (
 )
 _SUPPORTED_INITS = 'init_lora_weights=True (Kaiming-uniform A, zero B), "gaussian", or False'
 
-# The constructor's keyword defaults, exactly as the spec gives them.
+# The constructor's keyword defaults: a keyword left at its default does not conflict with config=.
 _KEYWORD_DEFAULTS = {
     "lora_dropout": 0.0,
     "init_lora_weights": True,
