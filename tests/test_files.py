@@ -1,7 +1,8 @@
-"""Atomic folder swaps, their recovery after a kill, leftover detection and the folder lock."""
+"""Atomic file writes and folder swaps, their recovery after a kill, leftover detection and the folder lock."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -21,6 +22,8 @@ from eetq_lora.files import (
     remove_path,
     replace_folder,
     restore_replaced,
+    write_json_atomic,
+    write_text_atomic,
 )
 
 
@@ -167,3 +170,76 @@ def test_a_killed_holder_leaves_a_stale_lock_file_that_blocks_nothing(tmp_path):
     assert lock_path(target).exists()  # SIGKILL left the file, but the OS released the lock
     with FolderLock(target):
         assert lock_path(target).read_text() == f"{os.getpid()}\n"
+
+
+def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
+    path = tmp_path / "sub" / "m.json"
+    write_json_atomic(path, {"a": 1})
+    write_json_atomic(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["m.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_failed_atomic_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "keep.txt"
+    write_text_atomic(path, "old")
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"bad": object()})
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_publish_folder_replaces_only_when_complete(tmp_path):
+    target = tmp_path / "ckpt"
+    publish_folder(lambda f: (f / "a").write_text("1"), target)
+    publish_folder(lambda f: (f / "b").write_text("2"), target)
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+
+    def broken(folder: Path) -> None:
+        (folder / "c").write_text("3")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        publish_folder(broken, target)
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_publish_folder_without_replace_keeps_the_first_one(tmp_path):
+    target = tmp_path / "model"
+    publish_folder(lambda f: (f / "first").write_text("1"), target, if_exists="keep")
+    publish_folder(lambda f: (f / "second").write_text("2"), target, if_exists="keep")
+    assert [p.name for p in target.iterdir()] == ["first"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_publish_folder_error_mode_refuses_an_existing_folder_and_cleans_up(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "mine").write_text("user data")
+    with pytest.raises(FileExistsError, match="nothing was written"):
+        publish_folder(lambda f: (f / "new").write_text("2"), target, if_exists="error")
+    assert [p.name for p in target.iterdir()] == ["mine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(ValueError, match="if_exists"):
+        publish_folder(lambda f: None, target, if_exists="merge")
+
+
+def test_publish_folder_puts_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    publish_folder(lambda f: (f / "old").write_text("1"), target)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        publish_folder(lambda f: (f / "new").write_text("2"), target)
+    assert [p.name for p in target.iterdir()] == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -24,9 +24,6 @@ import eetq_lora
 import eetq_lora.quant.convert as convert_module
 from eetq_lora.cli.generate import parse_seed
 from eetq_lora.cli.main import main
-from eetq_lora.errors import ConfigError, UserError
-from eetq_lora.models import default_device
-from eetq_lora.models.adapters import AdapterInfo, attach_adapters
 from tests.helpers import tiny_llama
 
 PROMPT = "what does the cat say ?"
@@ -383,17 +380,6 @@ def test_damaged_adapter_folder(adapter, qa_file, tmp_path, capsys, command, dam
         assert "only safetensors files and tensor-only pickles" in line and "weights_only" not in line
 
 
-def test_refused_pickle_while_attaching_is_one_line(tiny_model, adapter, tmp_path):
-    """The pickle check in attach_adapters, for adapters that did not come through read_adapter."""
-    folder = damaged_copy(adapter, tmp_path)
-    _refused_pickle(folder)
-    base = eetq_lora.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
-    info = AdapterInfo(folder, str(folder), "adapter_0", None, None)
-    with pytest.raises(UserError, match=r"adapter_model\.bin is a pickle that holds more than tensors") as caught:
-        attach_adapters(base, [info])
-    assert "\n" not in str(caught.value)
-
-
 def test_tensor_only_pickle_adapter_still_loads(tiny_model, adapter, tmp_path, capsys):
     """A .bin of plain tensors loads (weights_only=True runs no code) and answers as the safetensors one does."""
     folder = damaged_copy(adapter, tmp_path)
@@ -436,24 +422,6 @@ def test_cuda_without_a_gpu(adapter, qa_file, capsys, monkeypatch, command):
     hide_gpus(monkeypatch, 0)
     line = expect_error(capsys, command_line(command, adapter, qa_file, "--device", "cuda"), "device 'cuda' is not")
     assert "use one of: cpu" in line
-
-
-def test_device_names_are_checked_against_this_machine(monkeypatch):
-    hide_gpus(monkeypatch, 2)
-    assert default_device("cuda:1") == torch.device("cuda", 1)
-    assert default_device("cuda") == torch.device("cuda")
-    with pytest.raises(ConfigError, match=r"sees 2 cuda device\(s\); use one of: cpu, cuda:0, cuda:1$"):
-        default_device("cuda:2")
-    with pytest.raises(ConfigError, match="use one of: cpu, cuda:0, cuda:1"):
-        default_device("meta")
-    hide_gpus(monkeypatch, 0)
-    assert default_device("cpu") == torch.device("cpu") and default_device("auto") == torch.device("cpu")
-    for name in ("cuda", "cuda:0"):
-        with pytest.raises(ConfigError, match=f"device '{name}' is not available: .*; use one of: cpu$"):
-            default_device(name)
-    for name in ("tpu9", "", "cuda:-1", "cpu:x"):
-        with pytest.raises(ConfigError, match="is not a device name; use one of: cpu$"):
-            default_device(name)
 
 
 # ---- generate: numeric flags ---------------------------------------------------------------------

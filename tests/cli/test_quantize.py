@@ -18,19 +18,11 @@ from eetq_lora import EetqLinear, quantize_model, quantize_weight
 from eetq_lora.cli.common import usable_cpus
 from eetq_lora.cli.main import build_parser, main
 from eetq_lora.format.layout import pack_weight
-from eetq_lora.quant.convert import linear_weight_names
 from tests.format.test_layout import sm70_by_steps, sm75_by_gather, stored_bytes
 from tests.helpers import tiny_llama, token_batch
+from tests.quant.test_convert import LINEARS, float_folder
 
 WIDE = dict(hidden_size=128, intermediate_size=256)
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def float_folder(path, seed=0, max_shard_size=None, **overrides):
-    model = tiny_llama(seed=seed, **overrides)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
-    return model
 
 
 def run_cli(*args) -> int:
@@ -191,17 +183,6 @@ def test_tied_embeddings_stay_float(tmp_path):
         tiny_llama(tie_word_embeddings=True, **WIDE), modules_to_not_convert=["lm_head", "o_proj"]
     )
     assert torch.equal(logits(loaded), logits(expected))
-
-
-def test_linear_weights_come_from_the_architecture(tmp_path):
-    float_folder(tmp_path)
-    names, skips = linear_weight_names(tmp_path)
-    expected = {
-        f"model.layers.{i}.{g}.{n}.weight"
-        for i in range(2)
-        for g, n in [("self_attn", n) for n in LINEARS[:4]] + [("mlp", n) for n in LINEARS[4:]]
-    }
-    assert names == expected and skips == ["lm_head"]
 
 
 def test_overwrite_replaces_an_existing_folder(tmp_path):

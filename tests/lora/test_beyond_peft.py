@@ -1,15 +1,12 @@
-"""Beyond PEFT's EETQ layer: mixed batches, adapter arithmetic, merged export, memory features, lora_bias."""
-
-import os
+"""Beyond PEFT's EETQ layer: mixed batches, adapter arithmetic, memory features, lora_bias."""
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from peft import get_peft_model as peft_get_peft_model
-from transformers import AutoModelForCausalLM
 
 import eetq_lora
-from eetq_lora import EetqLinear, EetqLoraLinear, export_merged
+from eetq_lora import EetqLoraLinear
 from tests.helpers import dequantized_twin, tiny_llama, token_batch
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -128,46 +125,6 @@ def test_switch_disable_and_delete_adapters():
         torch.testing.assert_close(model(input_ids=ids).logits, default)
 
 
-# --- merged export ------------------------------------------------------------------------------
-
-
-def test_export_merged_float_checkpoint_loads_in_stock_transformers(tmp_path):
-    model = quantized_with_two_adapters()
-    report = export_merged(model, tmp_path / "merged", dtype=torch.float32)
-    assert report.merged_layers == 14 and not report.requantized
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert not any(isinstance(m, EetqLinear) for m in loaded.modules())
-    assert getattr(loaded.config, "quantization_config", None) is None
-    ids = token_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-
-
-def test_export_merged_defaults_to_bfloat16(tmp_path):
-    report = export_merged(quantized_with_two_adapters(), tmp_path / "merged")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")
-    assert report.path == tmp_path / "merged"
-    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-
-
-def test_export_refuses_an_existing_folder_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    model = quantized_with_two_adapters()
-    existing = tmp_path / "taken"
-    existing.mkdir()
-    (existing / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        export_merged(model, existing)
-    assert (existing / "keep.txt").read_text() == "user data"
-
-    def broken_save(self, *args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(type(model.get_base_model()), "save_pretrained", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        export_merged(model, tmp_path / "new")
-    assert sorted(os.listdir(tmp_path)) == ["taken"]
-
-
 # --- training-memory features ----------------------------------------------------------------
 
 
@@ -234,24 +191,3 @@ def test_lora_bias_trains_saves_and_loads(tmp_path):
     ids = token_batch()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-
-
-def test_export_merged_requantized_is_an_eetq_checkpoint_with_its_error_reported(tmp_path):
-    from eetq_lora import quantize_weight
-
-    model = quantized_with_two_adapters()
-    float_report = export_merged(model, tmp_path / "float", dtype=torch.float32)
-    report = export_merged(model, tmp_path / "int8", requantize=True)
-    assert report.requantized and float_report.overall_error is None
-    assert len(report.layer_errors) == 14 and 0 < report.overall_error < 0.02
-    float_merged = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
-    assert loaded.config.quantization_config.quant_method == "eetq"
-    name = "model.layers.0.self_attn.q_proj"
-    layer = loaded.get_submodule(name)
-    assert isinstance(layer, EetqLinear)
-    merged_weight = float_merged.get_submodule(name).weight
-    q, scales = quantize_weight(merged_weight)
-    assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scales, scales)
-    relative = (layer.dequantize(torch.float32) - merged_weight).norm() / merged_weight.norm()
-    assert abs(relative.item() - report.layer_errors[name]) < 1e-6

@@ -1,4 +1,4 @@
-"""export_merged's destination: an existing file is never replaced, and the folder is complete or absent."""
+"""export_merged: merged float and requantized checkpoints, and a destination that is complete or absent."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 import eetq_lora
-from eetq_lora import export_merged
+from eetq_lora import EetqLinear, export_merged
 from tests.helpers import tiny_llama, token_batch
+from tests.lora.test_beyond_peft import quantized_with_two_adapters
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +102,134 @@ def test_a_dtype_that_is_not_a_checkpoint_float_is_refused(peft_model, tmp_path,
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         export_merged(peft_model, tmp_path / "merged", dtype=dtype)
     assert not (tmp_path / "merged").exists()
+
+
+def test_only_a_peft_model_can_be_exported(tmp_path):
+    with pytest.raises(TypeError, match="export_merged expects a peft.PeftModel, got LlamaForCausalLM"):
+        export_merged(eetq_lora.quantize_model(tiny_llama()), tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def randomized(model):
+    """``model`` with every LoRA tensor (biases included) drawn at random, so none is zero."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def test_a_lora_bias_is_added_to_the_base_bias(tmp_path):
+    base = eetq_lora.quantize_model(tiny_llama(attention_bias=True))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True)
+    model = randomized(eetq_lora.get_peft_model(base, config))
+    export_merged(model, tmp_path / "merged", dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    layer = model.get_base_model().model.layers[1].self_attn.q_proj
+    expected_bias = layer.base_layer.bias.float() + layer.lora_B["default"].bias * 2.0  # scaling: alpha / r
+    expected_weight = (
+        layer.base_layer.dequantize(torch.float32)
+        + (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * 2.0
+    )
+    merged = loaded.model.layers[1].self_attn.q_proj
+    torch.testing.assert_close(merged.bias, expected_bias, rtol=0, atol=0)
+    torch.testing.assert_close(merged.weight, expected_weight, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(token_batch()).logits, model(input_ids=token_batch()).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_a_lora_bias_on_a_layer_without_bias_is_refused(tmp_path):
+    config = LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True)
+    model = randomized(eetq_lora.get_peft_model(eetq_lora.quantize_model(tiny_llama()), config))
+    with pytest.raises(ValueError) as error:
+        export_merged(model, tmp_path / "merged")
+    assert str(error.value) == (
+        "model.layers.0.self_attn.q_proj: adapter 'default' has lora_bias=True but the base layer has no bias, so "
+        "the merged layer cannot be written as an nn.Linear; train without lora_bias to export"
+    )
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_trained_copy_from_modules_to_save_is_exported_and_a_disabled_adapter_is_not(tmp_path):
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = randomized(eetq_lora.get_peft_model(eetq_lora.quantize_model(tiny_llama()), config))
+    wrapper = model.get_base_model().lm_head
+    original_head = wrapper.original_module.weight.detach().clone()
+    with torch.no_grad():
+        wrapper.modules_to_save["default"].weight.add_(1.0)
+    export_merged(model, tmp_path / "adapted", dtype=torch.float32)
+    with model.disable_adapter():
+        export_merged(model, tmp_path / "base", dtype=torch.float32)
+    adapted = AutoModelForCausalLM.from_pretrained(tmp_path / "adapted")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert torch.equal(adapted.lm_head.weight, original_head + 1.0)
+    assert torch.equal(base.lm_head.weight, original_head)
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert torch.equal(base.model.layers[0].self_attn.q_proj.weight, q_proj.base_layer.dequantize(torch.float32))
+    assert not torch.equal(
+        adapted.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
+    )
+
+
+# --- merged checkpoints --------------------------------------------------------------------------
+
+
+def test_export_merged_float_checkpoint_loads_in_stock_transformers(tmp_path):
+    model = quantized_with_two_adapters()
+    report = export_merged(model, tmp_path / "merged", dtype=torch.float32)
+    assert report.merged_layers == 14 and not report.requantized
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(m, EetqLinear) for m in loaded.modules())
+    assert getattr(loaded.config, "quantization_config", None) is None
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_merged_defaults_to_bfloat16(tmp_path):
+    report = export_merged(quantized_with_two_adapters(), tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")
+    assert report.path == tmp_path / "merged"
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_export_refuses_an_existing_folder_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    model = quantized_with_two_adapters()
+    existing = tmp_path / "taken"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_merged(model, existing)
+    assert (existing / "keep.txt").read_text() == "user data"
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model.get_base_model()), "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_merged(model, tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_export_merged_requantized_is_an_eetq_checkpoint_with_its_error_reported(tmp_path):
+    from eetq_lora import quantize_weight
+
+    model = quantized_with_two_adapters()
+    float_report = export_merged(model, tmp_path / "float", dtype=torch.float32)
+    report = export_merged(model, tmp_path / "int8", requantize=True)
+    assert report.requantized and float_report.overall_error is None
+    assert len(report.layer_errors) == 14 and 0 < report.overall_error < 0.02
+    float_merged = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
+    assert loaded.config.quantization_config.quant_method == "eetq"
+    name = "model.layers.0.self_attn.q_proj"
+    layer = loaded.get_submodule(name)
+    assert isinstance(layer, EetqLinear)
+    merged_weight = float_merged.get_submodule(name).weight
+    q, scales = quantize_weight(merged_weight)
+    assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scales, scales)
+    relative = (layer.dequantize(torch.float32) - merged_weight).norm() / merged_weight.norm()
+    assert abs(relative.item() - report.layer_errors[name]) < 1e-6
