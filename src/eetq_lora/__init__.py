@@ -8,6 +8,7 @@ hooks PEFT (``install_peft_hooks``), so stock ``peft.get_peft_model``, ``PeftMod
 EetqLoraLinear, ``target_modules="all-linear"`` included.
 """
 
+from ._version import __version__
 from .format import dequantize_weight, quantize_weight
 from .integrations import disable_transformers, enable_transformers, mark_eetq_quantized, quantize_model
 from .integrations.eetq_layers import is_eetq_available
@@ -29,9 +30,9 @@ from .quant import EetqLinear, set_checkpoint_layout
 enable_transformers()
 install_peft_hooks()
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "__version__",
     "EetqLinear",
     "EetqLoraLinear",
     "add_adapter",

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,54 @@ def terminal_bars(monkeypatch):
 
     monkeypatch.setattr(progress, "progress_bar", on_terminal)
     return bars, shown
+
+
+class CtrlCBeforeStep:
+    """Stands in for StopRequest: Ctrl-C arrives during step ``step`` (the flag is read once per step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.reads = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @property
+    def requested(self) -> bool:
+        self.reads += 1
+        return self.reads >= self.step
+
+
+@pytest.fixture
+def ctrl_c(monkeypatch) -> Callable[[int | None], None]:
+    """``ctrl_c(n)``: the finetune runs of this process that follow get a Ctrl-C during step n;
+    ``ctrl_c(None)``: no more Ctrl-C."""
+    from eetq_lora.training import finetune
+
+    real = finetune.StopRequest
+
+    def during_step(step: int | None) -> None:
+        monkeypatch.setattr(finetune, "StopRequest", real if step is None else (lambda: CtrlCBeforeStep(step)))
+
+    return during_step
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def ctrl_c_script(path: Path, step: int) -> Path:
+    """Write to ``path`` a script that runs the CLI like ``python -m eetq_lora``, with a Ctrl-C during step
+    ``step`` (``CtrlCBeforeStep``), for child processes such as torchrun's; returns ``path``."""
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+        "from eetq_lora.cli.main import main\n"
+        "from eetq_lora.training import finetune\n"
+        "from tests.cli.conftest import CtrlCBeforeStep\n"
+        f"finetune.StopRequest = lambda: CtrlCBeforeStep({step})\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return path

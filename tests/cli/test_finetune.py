@@ -25,6 +25,7 @@ from eetq_lora import EetqLinear
 from eetq_lora.cli.main import main
 from eetq_lora.files import FolderLock
 from eetq_lora.training import finetune as finetune_module
+from eetq_lora.training import runtime, trainer
 
 from .conftest import qa_pairs, run_cli, tiny_args
 
@@ -72,25 +73,6 @@ def read_terminal(screen: int, until: str | None = None, timeout: float = 120) -
             break
         text += chunk
     return text.decode(errors="replace")
-
-
-class CtrlCBeforeStep:
-    """Stands in for StopRequest: Ctrl-C arrives during step ``step`` (the flag is read once per step)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.reads = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    @property
-    def requested(self) -> bool:
-        self.reads += 1
-        return self.reads >= self.step
 
 
 def test_help_explains_every_flag_and_the_exit_codes(capsys):
@@ -333,7 +315,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same_run(tiny_model, 
 
 
 def test_overwrite_replaces_the_results_only_once_the_new_run_has_finished(
-    tiny_model, qa_file, tmp_path, monkeypatch, capsys
+    tiny_model, qa_file, tmp_path, ctrl_c, capsys
 ):
     out, staging, reference = tmp_path / "run", tmp_path / ".run.partial", tmp_path / "reference"
     assert main(tiny_args(tiny_model, qa_file, out)) == 0
@@ -342,14 +324,13 @@ def test_overwrite_replaces_the_results_only_once_the_new_run_has_finished(
     assert main(tiny_args(tiny_model, qa_file, reference, "--seed", "1")) == 0
 
     # Ctrl-C in step 3 of the --overwrite run: it saves a checkpoint in the staging folder, OUT is untouched.
-    real_stop_request = finetune_module.StopRequest
-    monkeypatch.setattr(finetune_module, "StopRequest", lambda: CtrlCBeforeStep(3))
+    ctrl_c(3)
     assert main(tiny_args(tiny_model, qa_file, out, "--seed", "1", "--overwrite")) == 130
     err = capsys.readouterr().err
     assert f"Interrupted at step 3/4; a checkpoint is saved in {staging / 'checkpoint'} ({out} keeps" in err
     assert snapshot(out) == old
     assert json.loads((staging / "checkpoint" / "state.json").read_text())["step"] == 3
-    monkeypatch.setattr(finetune_module, "StopRequest", real_stop_request)
+    ctrl_c(None)
 
     # A new run without a flag would lose the unfinished one: refused, naming both ways on.
     assert main(tiny_args(tiny_model, qa_file, out, "--seed", "2")) == 1
@@ -415,7 +396,7 @@ def test_a_nan_loss_stops_the_run_keeps_the_last_checkpoint_and_saves_no_adapter
     capsys.readouterr()
 
     monkeypatch.setattr(finetune_module, "CHECKPOINT_EVERY", 2)
-    real_stats = finetune_module.answer_token_stats
+    real_stats = trainer.answer_token_stats
     calls = []
 
     def nan_from_step_3(model, batch):  # one micro-batch per step: the third call is step 3
@@ -425,7 +406,7 @@ def test_a_nan_loss_stops_the_run_keeps_the_last_checkpoint_and_saves_no_adapter
             stats.nll = stats.nll * float("nan")
         return stats
 
-    monkeypatch.setattr(finetune_module, "answer_token_stats", nan_from_step_3)
+    monkeypatch.setattr(trainer, "answer_token_stats", nan_from_step_3)
     assert main(tiny_args(tiny_model, qa_file, out, "--overwrite", "--seed", "1")) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (
@@ -443,7 +424,7 @@ def test_a_nan_loss_stops_the_run_keeps_the_last_checkpoint_and_saves_no_adapter
 def test_a_second_ctrl_c_mid_step_keeps_the_last_checkpoint(tiny_model, qa_file, tmp_path, monkeypatch, capsys):
     out, staging = tmp_path / "run", tmp_path / ".run.partial"
     monkeypatch.setattr(finetune_module, "CHECKPOINT_EVERY", 2)
-    real_stats = finetune_module.answer_token_stats
+    real_stats = trainer.answer_token_stats
     calls = []
 
     def abort_in_step_3(model, batch):
@@ -452,12 +433,12 @@ def test_a_second_ctrl_c_mid_step_keeps_the_last_checkpoint(tiny_model, qa_file,
             raise KeyboardInterrupt  # what a second Ctrl-C raises in the middle of a step
         return real_stats(model, batch)
 
-    monkeypatch.setattr(finetune_module, "answer_token_stats", abort_in_step_3)
+    monkeypatch.setattr(trainer, "answer_token_stats", abort_in_step_3)
     assert main(tiny_args(tiny_model, qa_file, out)) == 130
     err = capsys.readouterr().err
     assert f"Aborted; the last checkpoint (step 2) is in {staging / 'checkpoint'}." in err
     assert f"Resume with: eetq-lora finetune --out {out} --resume" in err and not out.exists()
-    monkeypatch.setattr(finetune_module, "answer_token_stats", real_stats)
+    monkeypatch.setattr(trainer, "answer_token_stats", real_stats)
     assert main(["finetune", "--out", str(out), "--resume"]) == 0
     assert "Resuming at step 2/4" in capsys.readouterr().err
     assert metrics_of(out)["training"]["steps"] == 4 and not staging.exists()
@@ -560,10 +541,10 @@ def test_builtin_default_runs_a_few_steps_and_improves_held_out_loss(tmp_path, m
 def test_a_busy_machine_gets_a_threads_hint(monkeypatch):
     messages = []
     monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 0.0, 0.0))
-    finetune_module.warn_if_busy(messages.append)
+    runtime.warn_if_busy(messages.append)
     assert len(messages) == 1 and "--threads 1" in messages[0]
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    finetune_module.warn_if_busy(messages.append)
+    runtime.warn_if_busy(messages.append)
     assert len(messages) == 1
 
 
@@ -604,15 +585,14 @@ def test_an_eetq_checkpoint_from_quantize_trains_like_its_float_model(tiny_model
     assert from_int8["model"]["int8_base_bytes"] == from_float["model"]["int8_base_bytes"]
 
 
-def test_a_resumed_run_reports_its_own_speed_and_the_totals(tiny_model, qa_file, tmp_path, monkeypatch, capsys):
+def test_a_resumed_run_reports_its_own_speed_and_the_totals(tiny_model, qa_file, tmp_path, ctrl_c, capsys):
     reference, out = tmp_path / "reference", tmp_path / "run"
     assert main(tiny_args(tiny_model, qa_file, reference, "--eval-every", "1")) == 0
     straight = metrics_of(reference)
 
-    real_stop_request = finetune_module.StopRequest
-    monkeypatch.setattr(finetune_module, "StopRequest", lambda: CtrlCBeforeStep(3))
+    ctrl_c(3)
     assert main(tiny_args(tiny_model, qa_file, out, "--eval-every", "2")) == 130
-    monkeypatch.setattr(finetune_module, "StopRequest", real_stop_request)
+    ctrl_c(None)
     saved = json.loads((tmp_path / ".run.partial" / "checkpoint" / "state.json").read_text())
     assert [(s["start_step"], s["steps"], s["threads"]) for s in saved["segments"]] == [(0, 3, 1)]
     capsys.readouterr()

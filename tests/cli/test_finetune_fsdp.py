@@ -15,37 +15,9 @@ from safetensors.torch import load_file
 
 from eetq_lora.cli.main import main
 
-from .conftest import tiny_args
+from .conftest import ctrl_c_script, tiny_args
 
 ADAPTER = "adapter_model.safetensors"
-
-# Stands in for a Ctrl-C during the second optimizer step: the run saves a checkpoint after it and stops.
-INTERRUPT_AFTER_TWO_STEPS = """
-import sys
-
-from eetq_lora.cli.main import main
-from eetq_lora.training import finetune
-
-
-class CtrlCInSecondStep:
-    def __init__(self):
-        self.reads = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    @property
-    def requested(self):
-        self.reads += 1  # read once before each step
-        return self.reads >= 2
-
-
-finetune.StopRequest = CtrlCInSecondStep
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def torchrun(*argv: str, script: Path | None = None) -> subprocess.CompletedProcess:
@@ -81,8 +53,8 @@ def runs(tmp_path_factory, tiny_model, qa_file):
     ddp = torchrun(*tiny_args(tiny_model, qa_file, root / "ddp", "--batch-size", "2"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
 
-    script = root / "interrupt.py"
-    script.write_text(INTERRUPT_AFTER_TWO_STEPS)
+    # Ctrl-C during the second optimizer step: the run saves a checkpoint after it and stops.
+    script = ctrl_c_script(root / "interrupt.py", step=2)
     fsdp = root / "fsdp"
     interrupted = torchrun(*tiny_args(tiny_model, qa_file, fsdp, "--batch-size", "2", "--fsdp"), script=script)
     assert "Interrupted at step 2/4" in interrupted.stderr, interrupted.stderr[-3000:]

@@ -21,8 +21,8 @@ from eetq_lora.parallel.checkpoint import (
 )
 from eetq_lora.training.distributed import context_from_env
 from eetq_lora.training.evaluate import evaluate
-from eetq_lora.training.finetune import evaluate_sharded
 from eetq_lora.training.loss import answer_token_stats
+from eetq_lora.training.trainer import evaluate_sharded
 from tests.helpers import VOCAB, tiny_llama
 from tests.parallel.ranks import run_ranks
 

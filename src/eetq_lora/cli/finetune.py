@@ -80,7 +80,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--lr",
         type=positive_float,
-        help=f"peak learning rate, at most 1 (10%% warm-up, then linear decay to a tenth). Default: {d.lr:g}",
+        help=f"peak learning rate, at most 1 (10%% warm-up, then linear decay toward a tenth). Default: {d.lr:g}",
     )
     parser.add_argument("--r", type=positive_int, help=f"LoRA rank. Default: {d.r}")
     parser.add_argument(
@@ -275,8 +275,8 @@ def _training_lines(training: dict, runtime: dict, segments: list[dict]) -> list
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..training.checkpoint import find_resumable
-    from ..training.finetune import RunAborted, load_run_config, run_finetune
+    from ..training.finetune import RunAborted, run_finetune
+    from ..training.run_folder import find_resumable, load_run_config
 
     out = args.out or DEFAULT_OUT
     # On --resume, flags left out mean "as saved", so only flags actually given can conflict.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
+# The settings a finetune run records next to the adapter it trained (eetq_lora.training.run_folder).
 RUN_CONFIG = "run_config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 # The weight files PEFT's save_pretrained writes (and loads, safetensors first).
@@ -159,7 +160,7 @@ def setting(adapters: list[AdapterInfo], name: str, default):
 
 def attach_adapters(model, adapters: list[AdapterInfo]):
     """Load every adapter onto ``model`` (a quantized base) with eetq_lora.load_adapter; returns the PeftModel."""
-    from .. import load_adapter
+    from ..lora.peft_glue import load_adapter
 
     peft_model = model
     for adapter in adapters:

@@ -134,7 +134,7 @@ def load_quantized(source: ModelSource, dtype: torch.dtype, device: torch.device
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from .. import quantize_model
+    from ..integrations.quantize_model import quantize_model
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a cached local load takes a second; its bars would only be noise

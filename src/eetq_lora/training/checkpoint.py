@@ -1,10 +1,4 @@
-"""Where a fine-tuning run keeps its files until it finishes, and its resumable training state.
-
-A run never writes its output folder OUT while it trains. It works in a staging folder, the hidden
-``.NAME.partial`` next to OUT, which appears with the run's first checkpoint (``run_config.json``
-and ``checkpoint/``, published together) and is moved onto OUT in one folder swap once the run has
-written everything. A run killed or stopped before then leaves OUT as it was and its staging
-folder resumable.
+"""A run's resumable training state: the ``checkpoint/`` folder of its staging folder (see ``run_folder``).
 
 ``checkpoint/`` holds the adapter, optimizer, RNG and progress, published atomically. One process
 or DDP: rank 0 writes the adapter, ``optimizer.pt`` and ``rng.pt``. A model sharded with FSDP2:
@@ -20,36 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..files import publish_folder
+from .run_folder import RUN_CONFIG, STATE_FILE, checkpoint_path
 
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.json"
 SHARDED_STATE_DIR = "training_state"
-RUN_CONFIG = "run_config.json"
-STAGING_SUFFIX = ".partial"
-
-
-def staging_path(out: Path) -> Path:
-    """The staging folder of the runs that write ``out``: ``.NAME.partial`` next to it."""
-    out = Path(out)
-    return out.parent / f".{out.name}{STAGING_SUFFIX}"
-
-
-def checkpoint_path(run_folder: Path) -> Path:
-    return Path(run_folder) / CHECKPOINT_DIR
-
-
-def is_resumable(run_folder: Path) -> bool:
-    """Whether ``run_folder`` holds a run's settings and a checkpoint to continue it from."""
-    return (Path(run_folder) / RUN_CONFIG).is_file() and (checkpoint_path(run_folder) / STATE_FILE).is_file()
-
-
-def find_resumable(out: Path) -> Path | None:
-    """The folder ``--resume`` continues for ``out``: its staging folder, else ``out`` itself, else None."""
-    for folder in (staging_path(out), Path(out)):
-        if is_resumable(folder):
-            return folder
-    return None
 
 
 def _write_state(folder: Path, state: dict) -> None:
@@ -114,7 +83,6 @@ def save_sharded_checkpoint(
 
 def restore_sharded_state(run_folder: Path, peft_model, optimizer: torch.optim.Optimizer) -> None:
     """Load the trainable tensors, optimizer and this process's RNG saved by ``save_sharded_checkpoint``."""
-    from ..errors import UserError
     from ..parallel.checkpoint import load_training_state
 
     folder = checkpoint_path(run_folder) / SHARDED_STATE_DIR
@@ -124,14 +92,6 @@ def restore_sharded_state(run_folder: Path, peft_model, optimizer: torch.optim.O
             "resume it without --fsdp"
         )
     load_training_state(folder, peft_model, optimizer)
-
-
-def read_state(run_folder: Path) -> dict | None:
-    """The progress record of the checkpoint in ``run_folder``, or None if there is none."""
-    path = checkpoint_path(run_folder) / STATE_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
 
 
 def restore_optimizer_and_rng(run_folder: Path, optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -1,9 +1,14 @@
-"""The learning-rate schedule: linear warm-up, then linear decay to a tenth of the peak."""
+"""The learning-rate schedule: linear warm-up, then linear decay toward a tenth of the peak.
+
+The decay line reaches a tenth at step ``total_steps``, one past the last step, so the last step
+runs slightly above it.
+"""
 
 from __future__ import annotations
 
 
 def warmup_steps(total_steps: int) -> int:
+    """Warm-up length: a tenth of the run, at least one step."""
     return max(1, round(0.1 * total_steps))
 
 
