@@ -16,7 +16,7 @@ SOURCE = Path(eetq_lora.__file__).parent
 # Bottom to top. A module may import its own package and any layer listed before it; the utilities
 # (first entry) may also import each other.
 LAYERS = [
-    {"_version", "errors", "cache", "files", "packages"},
+    {"_version", "atomic", "cache", "errors", "packages"},
     {"format"},
     {"kernels"},
     {"quant"},

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from eetq_lora import EetqLinear
+from eetq_lora.atomic import FolderLock
 from eetq_lora.cli.main import main
-from eetq_lora.files import FolderLock
 from eetq_lora.training import finetune as finetune_module
 from eetq_lora.training import runtime, trainer
 

@@ -17,7 +17,7 @@ from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from ..files import publish_folder
+from ..atomic import publish_folder
 from ..format.quantize import FLOAT_DTYPES
 from ..integrations.eetq_layers import eetq_layer_classes
 from ..integrations.quantize_model import quantize_model

@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+from ..atomic import publish_folder
 from ..cache import cache_dir
 from ..errors import MissingPackageError, ModelError
-from ..files import publish_folder
 
 GGUF_PIP = "'gguf>=0.10.0'"
 MARKER = "eetq_lora_source.json"

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ConfigError, ModelError
+from ..quant.model import tensor_bytes
 from .default import DEFAULT_MODEL_NAME, default_gguf_path
 from .gguf import gguf_to_folder
 
@@ -93,16 +94,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bfloat16() else torch.float32
-
-
-def tensor_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers, each shared tensor counted once."""
-    seen, total = set(), 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def float32_bytes(module: torch.nn.Module) -> int:

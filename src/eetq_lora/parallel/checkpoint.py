@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..atomic import publish_folder, write_with_atomic
 from ..errors import UserError
-from ..files import publish_folder, write_with_atomic
 
 # PEFT writes a model card next to the adapter; it holds nothing a loader needs.
 _MODEL_CARD = "README.md"

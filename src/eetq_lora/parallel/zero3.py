@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import publish_folder
 from ..errors import UserError
-from ..files import publish_folder
 
 
 class Zero3Error(UserError, ValueError):

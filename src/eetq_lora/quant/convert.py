@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..atomic import FolderLock, find_leftovers, publish_folder, remove_path, restore_replaced
 from ..errors import UserError
-from ..files import FolderLock, find_leftovers, publish_folder, remove_path, restore_replaced
 from ..format.layout import DEFAULT_LAYOUT, METADATA_KEY, check_layout, pack_weight, resolve_layout
 from ..format.quantize import quantize_weight
 

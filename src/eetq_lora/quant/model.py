@@ -31,8 +31,14 @@ def _is_convertible(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and not isinstance(module, NonDynamicallyQuantizableLinear)
 
 
-def _tensor_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each shared tensor counted once."""
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def quantize_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = ("lm_head",)) -> list[str]:
@@ -53,9 +59,9 @@ def quantize_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = (
     bytes_before = bytes_after = 0
     for name in names:
         linear = model.get_submodule(name)
-        bytes_before += _tensor_bytes(linear)
+        bytes_before += tensor_bytes(linear)
         quantized = EetqLinear.from_linear(linear, name=name)
-        bytes_after += _tensor_bytes(quantized)
+        bytes_after += tensor_bytes(quantized)
         model.set_submodule(name, quantized)
     logger.info(
         "eetq_lora: converted %d linear layers to EETQ int8, %.1f MiB -> %.1f MiB (saved %.1f MiB)",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import publish_folder
 from ..errors import UserError
-from ..files import publish_folder
 from .run_folder import RUN_CONFIG, STATE_FILE, checkpoint_path
 
 SHARDED_STATE_DIR = "training_state"

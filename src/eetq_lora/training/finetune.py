@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import FolderLock, write_json_atomic
 from ..data import EncodedSet, PromptFormat, Split, encode_examples, load_dataset, load_eval_dataset, training_split
 from ..errors import DataError, UserError
-from ..files import FolderLock, write_json_atomic
 from ..lora.peft_glue import get_peft_model, load_adapter
 from ..models.load import (
     LoadedModel,

@@ -6,7 +6,7 @@ import importlib.util
 import os
 from collections.abc import Sequence
 
-from ..files import write_with_atomic
+from ..atomic import write_with_atomic
 
 
 def plotting_available() -> bool:

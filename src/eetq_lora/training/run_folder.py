@@ -16,8 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import UserError
-from ..files import (
+from ..atomic import (
     disk_size,
     find_leftovers,
     format_size,
@@ -26,6 +25,7 @@ from ..files import (
     replace_folder,
     restore_replaced,
 )
+from ..errors import UserError
 from ..models.adapters import ADAPTER_CONFIG, RUN_CONFIG, SAFETENSORS_WEIGHTS
 from .config import FinetuneConfig
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from eetq_lora.errors import UserError
-from eetq_lora.files import (
+from eetq_lora.atomic import (
     FolderBusyError,
     FolderLock,
     disk_size,
@@ -25,6 +24,7 @@ from eetq_lora.files import (
     write_json_atomic,
     write_text_atomic,
 )
+from eetq_lora.errors import UserError
 
 
 def make_folder(path: Path, **files: str) -> Path:
