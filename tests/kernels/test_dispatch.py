@@ -79,6 +79,21 @@ def test_environment_forces_reference(monkeypatch):
     assert select_path("cpu", torch.bfloat16, 1, qweight).name == "reference"
 
 
+@pytest.mark.parametrize("read_through", ["c", "os.environ"])
+def test_the_reference_switch_follows_every_change_to_the_environment(monkeypatch, read_through):
+    if read_through == "os.environ":
+        monkeypatch.setattr(dispatch, "_getenv", None)
+    elif dispatch._getenv is None:
+        pytest.skip("no C getenv on this platform")
+    monkeypatch.delenv("EETQ_LORA_KERNELS", raising=False)
+    assert not dispatch.reference_forced()
+    for value, forced in (("reference", True), (" Reference\n", True), ("", False), ("fast", False)):
+        monkeypatch.setenv("EETQ_LORA_KERNELS", value)
+        assert dispatch.reference_forced() is forced, value
+    monkeypatch.delenv("EETQ_LORA_KERNELS")
+    assert not dispatch.reference_forced()
+
+
 @pytest.mark.parametrize("use_native", [True, False])
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

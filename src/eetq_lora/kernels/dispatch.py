@@ -23,6 +23,7 @@ only the int8 weight and its scales: no dequantized copy outlives a call.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from collections.abc import Callable
@@ -117,9 +118,28 @@ CUDA_TRITON = KernelPath("cuda-triton", _triton_matmul("forward"), _triton_matmu
 CUDA_DEQUANT = KernelPath("cuda-dequant", _dequant_matmul("forward"), _dequant_matmul("grad_input"))
 
 
+def _c_getenv() -> Callable[[bytes], bytes | None] | None:
+    # The C library's getenv sees every change made through os.environ (which calls putenv) in one
+    # C call, where os.environ.get runs three Python frames: this is read on every decoding call.
+    # PyDLL keeps the GIL held, so no other thread's putenv runs during the read.
+    try:
+        getenv = ctypes.PyDLL(None).getenv
+    except (OSError, AttributeError):
+        return None
+    getenv.argtypes, getenv.restype = [ctypes.c_char_p], ctypes.c_char_p
+    return getenv
+
+
+_getenv = _c_getenv() if os.name == "posix" else None
+_REFERENCE_KEY = REFERENCE_VARIABLE.encode()
+
+
 def reference_forced() -> bool:
     """Whether ``EETQ_LORA_KERNELS=reference`` sends every matmul to the pure-torch reference path."""
-    return os.environ.get(REFERENCE_VARIABLE, "").strip().lower() == "reference"
+    if _getenv is None:
+        return os.environ.get(REFERENCE_VARIABLE, "").strip().lower() == "reference"
+    value = _getenv(_REFERENCE_KEY)
+    return value is not None and value.strip().lower() == b"reference"
 
 
 def _triton_usable() -> bool:
