@@ -304,5 +304,11 @@ class EetqLoraHfQuantizer(HfQuantizer):
         return True
 
     @property
+    def is_compileable(self) -> bool:
+        # EetqLinear's matmul is a torch.library operator (kernels.ops): torch.compile traces the
+        # model in one graph, so transformers may compile its decoding step.
+        return True
+
+    @property
     def is_trainable(self) -> bool:
         return True

@@ -11,6 +11,7 @@ from ..format.layout import DEFAULT_LAYOUT, check_layout, pack_weight, resolve_l
 from ..format.quantize import FLOAT_DTYPES, dequantize_weight, quantize_weight
 from ..kernels import stream
 from ..kernels.dispatch import fused_adapter_forward, int8_linear
+from ..kernels.ops import traced_int8_linear
 
 # Each layer's most recent packed checkpoint weight, held weakly: (destination key, memo, tensor ref).
 # PEFT registers one base layer under two names (base_layer and quant_linear_module), so a single
@@ -98,11 +99,14 @@ class EetqLinear(nn.Module):
                 # Like nn.Linear under autocast: run in the autocast dtype, then let the kernel pick
                 # its own compute dtype without autocast rewriting its matmuls.
                 x = x.to(torch.get_autocast_dtype(device_type))
+                linear = traced_int8_linear if torch.compiler.is_compiling() else int8_linear
                 with torch.autocast(device_type, enabled=False):
-                    return int8_linear(x, weight, scales, self.bias)
+                    return linear(x, weight, scales, self.bias)
         elif x.is_cpu and not torch.compiler.is_compiling():
             # The cached plan spares a CPU call the per-call checks of the weight (see kernels.stream).
             return int8_linear(x, weight, scales, self.bias, stream.layer_plan(self, weight, scales))
+        if torch.compiler.is_compiling():
+            return traced_int8_linear(x, weight, scales, self.bias)
         return int8_linear(x, weight, scales, self.bias)
 
     def forward_with_adapter(
