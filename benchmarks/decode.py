@@ -1,14 +1,18 @@
-"""Greedy decoding speed of a SmolLM2-135M-shaped model with an all-linear LoRA adapter, against PEFT.
+"""Greedy decoding speed of a SmolLM2-135M-shaped model with an all-linear LoRA adapter, against PEFT and the bound.
 
-Run: python benchmarks/decode.py [--layers N] [--new-tokens N] [--repeats N]
+Run: python benchmarks/decode.py [--layers N] [--new-tokens N] [--repeats N] [--configs a,b,...]
 
-Times ``generate`` (greedy, KV cache, batch 1) in one process, alternating the
-configurations round by round: eetq-lora's int8 model with a LoRA adapter (r=16, all-linear)
-in bfloat16 and in float16, and PEFT LoRA on the same model in float32 and in bfloat16. Prints tokens/s and the ratio of
-each peer's time per token to ours. Weights are random (no download); the decoding cost does not
+Times ``generate`` (greedy, KV cache, batch 1) in one process, alternating the configurations
+round by round: eetq-lora's int8 model with a LoRA adapter (r=16, all-linear) with float32,
+bfloat16 and float16 activations, and PEFT LoRA on the float model in float32 and bfloat16.
+Prints tokens/s, each configuration's time per token against PEFT's, and the bandwidth bound:
+every weight byte is read once per token (the tied embedding as the head), so the read bandwidth
+measured in the same run over the model's bytes bounds tokens/s. A second table splits each
+configuration's time per token into the int8 layers (EetqLinear calls, kernels included), the
+head, and everything else (attention, norms, the framework's Python), timed with hooks that add
+about a microsecond per call. Weights are random (no download); the decoding cost does not
 depend on them. OMP_WAIT_POLICY=PASSIVE is set before torch loads, as in the other benchmarks,
-unless the variable is already set (``OMP_WAIT_POLICY= python benchmarks/decode.py`` times
-OpenMP's default policy, under which small layers use both threads).
+unless the variable is already set.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import bench_utils  # noqa: I001 - sets OMP_WAIT_POLICY before torch loads
 import torch
@@ -26,7 +32,7 @@ from transformers import LlamaForCausalLM
 
 import eetq_lora
 
-CONFIGS = ("eetq-bf16", "eetq-fp16", "peft-bf16", "peft-fp32")
+CONFIGS = ("eetq-fp32", "eetq-bf16", "eetq-fp16", "peft-fp32", "peft-bf16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -41,11 +47,58 @@ def build(name: str, layers: int) -> torch.nn.Module:
     return peft_get_peft_model(model, lora).eval()
 
 
-def tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer storage: what one decoding step reads at least."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for ``new_tokens`` greedy tokens after the prompt."""
     with torch.no_grad():
         begin = time.perf_counter()
         model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        return new_tokens / (time.perf_counter() - begin)
+        return time.perf_counter() - begin
+
+
+@contextmanager
+def timed_parts(model: torch.nn.Module) -> Iterator[dict[str, float]]:
+    """Seconds spent in the int8 layers and in the head while the block runs (hooks on the modules)."""
+    spent = {"int8 layers": 0.0, "head": 0.0}
+    originals = []
+
+    def wrap(owner, attribute: str, part: str) -> None:
+        function = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter() - begin
+
+        originals.append((owner, attribute, owner.__dict__.get(attribute)))
+        setattr(owner, attribute, timed)
+
+    for module in model.modules():
+        if isinstance(module, eetq_lora.EetqLinear):
+            wrap(module, "forward", "int8 layers")
+            wrap(module, "forward_with_adapter", "int8 layers")
+    head = model.get_output_embeddings()
+    wrap(head, "forward", "head")
+    try:
+        yield spent
+    finally:
+        for owner, attribute, previous in originals:
+            if previous is None:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, previous)
 
 
 def main() -> None:
@@ -53,22 +106,50 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30, help="decoder layers of the 135M shape (30 = full)")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     args = parser.parse_args()
+    names = [name for name in args.configs.split(",") if name]
     prompt = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
-    models = {name: build(name, args.layers) for name in CONFIGS}
+    models = {name: build(name, args.layers) for name in names}
     for model in models.values():
-        tokens_per_second(model, prompt, 4)  # warm-up: kernel build, first allocations
-    rates: dict[str, list[float]] = {name: [] for name in CONFIGS}
+        generate(model, prompt, 4)  # warm-up: kernel build, first allocations
+    prefill = {name: statistics.median(generate(m, prompt, 1) for _ in range(3)) for name, m in models.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeats):
         for name, model in models.items():
-            rates[name].append(tokens_per_second(model, prompt, args.new_tokens))
-    machine = bench_utils.machine_summary()
+            seconds[name].append(generate(model, prompt, args.new_tokens))
+    bandwidth = bench_utils.dram_read_gbps()
+    # Time per generated token, the prompt's forward pass (measured alone) taken out.
+    per_token = {name: (statistics.median(seconds[name]) - prefill[name]) / (args.new_tokens - 1) for name in names}
+
     print(f"greedy decoding, {args.layers} layers, batch 1, {args.new_tokens} new tokens, LoRA r=16 all-linear")
-    print(f"machine: {machine}")
-    ours = statistics.median(rates["eetq-bf16"])
-    for name in CONFIGS:
-        rate = statistics.median(rates[name])
-        print(f"  {name:10} {rate:6.1f} tokens/s   time per token vs eetq-bf16: {ours / rate:.2f}x")
+    print(f"machine: {bench_utils.machine_summary()}; read bandwidth {bandwidth:.1f} GB/s")
+    peers = [name for name in ("peft-bf16", "peft-fp32") if name in names]
+    header = "| config | tokens/s | ms/token | " + " | ".join(f"time vs {p}" for p in peers)
+    print(header + " | weights MB | bound tokens/s | % of bound |")
+    print("|" + "---|" * (6 + len(peers)))
+    for name in names:
+        rate = 1 / per_token[name]
+        size = weight_bytes(models[name])
+        bound = bandwidth * 1e9 / size
+        ratios = " | ".join(f"{per_token[name] / per_token[p]:.2f}x" for p in peers)
+        print(
+            f"| {name} | {rate:.1f} | {per_token[name] * 1e3:.1f} | {ratios} | {size / 1e6:.0f} | {bound:.0f} | "
+            f"{100 * rate / bound:.0f}% |"
+        )
+
+    print("\nWhere a token's time goes (ms/token; one more timed generate per configuration):")
+    print("| config | int8 layers | head | everything else |")
+    print("|---|---|---|---|")
+    for name, model in models.items():
+        with timed_parts(model) as spent:
+            total = generate(model, prompt, args.new_tokens)
+        tokens = args.new_tokens
+        rest = total - sum(spent.values())
+        print(
+            f"| {name} | {spent['int8 layers'] / tokens * 1e3:.2f} | {spent['head'] / tokens * 1e3:.2f} | "
+            f"{rest / tokens * 1e3:.2f} |"
+        )
 
 
 if __name__ == "__main__":
