@@ -93,6 +93,19 @@ def test_a_gguf_file_is_converted_once_then_read_from_the_cache(tmp_path, fake_c
     assert fake_conversion[0][2] == digest
 
 
+def test_a_damaged_cache_entry_is_converted_again_and_replaced(tmp_path, fake_conversion):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF model bytes")
+    folder = gguf_to_folder(path, quiet=True)
+    (folder / gguf_module.MARKER).unlink()  # an entry whose conversion never finished writing
+    (folder / "model.safetensors").write_bytes(b"half")
+    assert gguf_to_folder(path, quiet=True) == folder
+    assert (folder / gguf_module.MARKER).is_file() and (folder / "model.safetensors").read_bytes() == b"weights"
+    assert len(fake_conversion) == 2
+    assert gguf_to_folder(path, quiet=True) == folder and len(fake_conversion) == 2  # repaired: read from the cache
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+
+
 def test_changed_contents_get_a_new_cache_entry_and_quiet_prints_nothing(tmp_path, fake_conversion, capsys):
     path = tmp_path / "m.gguf"
     path.write_bytes(b"first")

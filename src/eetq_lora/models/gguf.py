@@ -74,8 +74,11 @@ def gguf_to_folder(gguf_path: str | Path, quiet: bool = False) -> Path:
             file=sys.stderr,
             flush=True,
         )
+    # A folder without its marker is a damaged entry and is replaced; one that appears while we convert
+    # is another process's complete conversion and is kept.
+    if_exists = "replace" if folder.exists() else "keep"
     try:
-        publish_folder(lambda tmp: _convert(gguf_path, tmp, digest), folder, if_exists="keep")
+        publish_folder(lambda tmp: _convert(gguf_path, tmp, digest), folder, if_exists=if_exists)
     except (ValueError, KeyError, OSError) as error:
         raise ModelError(f"could not convert {gguf_path} with transformers' GGUF loader: {error}") from error
     return folder
