@@ -176,3 +176,43 @@ def test_portable_builds_compute_the_same_products(monkeypatch, fresh_native, fl
         out = dispatch.fused_adapter_forward(plan, x, lora_a, lora_b, 2.0)
     expected = float64_forward(x, qweight, scales) + x.double() @ lora_a.double().t() @ lora_b.double().t() * 2.0
     assert out.dtype == torch.float16 and relative_error(out, expected) < 2**-10
+
+
+def test_the_source_ships_as_package_data_and_defines_its_abi_once():
+    from importlib import resources
+
+    shipped = resources.files("eetq_lora.kernels").joinpath(*cpu_library.SOURCE_PATH)
+    assert shipped.is_file() and cpu_library.source() == shipped.read_text(encoding="utf-8")
+    assert cpu_library.abi_version(cpu_library.source()) > 0
+    assert cpu_library.abi_version("/* v */\n#define EETQ_ABI_VERSION 17\nint x;\n") == 17
+    for broken in ("int x;\n", "#define EETQ_ABI_VERSION 1\n#define EETQ_ABI_VERSION 2\n"):
+        with pytest.raises(RuntimeError, match="EETQ_ABI_VERSION exactly once"):
+            cpu_library.abi_version(broken)
+
+
+@needs_compiler
+def test_the_loaded_library_reports_the_sources_abi(fresh_native):
+    assert cpu_library.library().eetq_abi_version() == cpu_library.abi_version(cpu_library.source())
+
+
+@needs_compiler
+def test_a_library_of_another_abi_is_refused(monkeypatch, fresh_native):
+    actual = cpu_library.abi_version(cpu_library.source())
+    monkeypatch.setattr(cpu_library, "abi_version", lambda text: actual + 1)
+    with pytest.warns(RuntimeWarning, match=f"has ABI {actual}, expected {actual + 1}") as record:
+        assert cpu_library.library() is None
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    _forward_still_matches()
+
+
+@needs_compiler
+def test_the_build_compiles_and_is_keyed_by_the_exact_source_text(monkeypatch, fresh_native):
+    assert cpu_library.is_available()
+    (compiled,) = (fresh_native / "kernels").glob("eetq_cpu_*.c")
+    assert compiled.read_text(encoding="utf-8") == cpu_library.source()
+    compiler = cpu_library._find_compiler()
+    digest = cpu_library._build_digest(compiler)
+    assert compiled.name == f"eetq_cpu_{digest}.c"
+    edited = cpu_library.source() + "\n"
+    monkeypatch.setattr(cpu_library, "source", lambda: edited)
+    assert cpu_library._build_digest(compiler) != digest

@@ -1,30 +1,37 @@
 """Compile the CPU kernels on first use, cache the library and load it for ctypes.
 
-The C source (``_cpu_source.py``) is built once per machine with the system C compiler (``$CC``,
-else ``cc``, ``gcc`` or ``clang``), tuned for the host CPU (``-march=native``) and parallel with
-OpenMP, and cached in the ``kernels/`` folder of the package cache (``$EETQ_LORA_CACHE``, default
-``~/.cache/eetq_lora``) keyed by the source, the compiler and the CPU. A library is only loaded
-from a folder only this user can write (created 0700; an existing one is checked) and only if
-this user owns it. Where no compiler works or no such folder exists the kernels report
-unavailable, with one warning, and the dispatcher uses pure-torch paths. ``EETQ_LORA_NATIVE=0``
-turns them off without a warning.
+The C source (``csrc/eetq_cpu.c``, package data) is built once per machine with the system C
+compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``), tuned for the host CPU (``-march=native``)
+and parallel with OpenMP, and cached in the ``kernels/`` folder of the package cache
+(``$EETQ_LORA_CACHE``, default ``~/.cache/eetq_lora``) keyed by the source, the compiler and the
+CPU. A library is only loaded from a folder only this user can write (created 0700; an existing
+one is checked), only if this user owns it, and only if it reports the ABI version that the
+source defines (``#define EETQ_ABI_VERSION``). Where no compiler works or no such folder exists
+the kernels report unavailable, with one warning, and the dispatcher uses pure-torch paths.
+``EETQ_LORA_NATIVE=0`` turns them off without a warning.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
 import warnings
+from importlib import resources
 from pathlib import Path
 
 from ..cache import UnsafeFolderError, cache_dir, check_private_file, fallback_cache_dir, private_dir
-from ._cpu_source import ABI_VERSION, SOURCE
+
+# The kernels' C source, shipped as package data next to this module.
+SOURCE_PATH = ("csrc", "eetq_cpu.c")
+_ABI_DEFINE = re.compile(r"^#define EETQ_ABI_VERSION (\d+)[ \t]*$", re.MULTILINE)
 
 # Tried in order until one compiles: the host-tuned OpenMP build first, then weaker ones.
 _FLAG_SETS = (
@@ -62,6 +69,23 @@ _BF16_SIGNATURES = {
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+
+
+@functools.cache
+def source() -> str:
+    """The C source of the kernels, as installed with the package."""
+    return resources.files(__package__).joinpath(*SOURCE_PATH).read_text(encoding="utf-8")
+
+
+def abi_version(text: str) -> int:
+    """The ABI version that C source ``text`` defines (its one ``#define EETQ_ABI_VERSION N`` line)."""
+    found = _ABI_DEFINE.findall(text)
+    if len(found) != 1:
+        raise RuntimeError(
+            f"the kernel source {'/'.join(SOURCE_PATH)} must define EETQ_ABI_VERSION exactly once "
+            f"(found {len(found)} definitions); reinstall eetq_lora"
+        )
+    return int(found[0])
 
 
 def _find_compiler() -> str | None:
@@ -109,7 +133,7 @@ def _private_kernel_dir() -> Path:
 
 def _build_digest(compiler: str) -> str:
     identity = "\0".join(
-        (SOURCE, repr(_FLAG_SETS), compiler, _compiler_version(compiler), _cpu_identity(), platform.machine())
+        (source(), repr(_FLAG_SETS), compiler, _compiler_version(compiler), _cpu_identity(), platform.machine())
     )
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
@@ -122,14 +146,23 @@ def _build(compiler: str) -> tuple[Path, str]:
     if os.path.lexists(target):
         check_private_file(target)
         return target, ""
-    source = directory / f"eetq_cpu_{digest}.c"
-    source.write_text(SOURCE)
+    # The compiler reads a private copy of exactly the hashed text, written whole before it is renamed
+    # into place so that a concurrent first use never compiles half a file.
+    c_file = directory / f"eetq_cpu_{digest}.c"
+    fd, partial_source = tempfile.mkstemp(suffix=".c", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(source())
+        os.replace(partial_source, c_file)
+    except BaseException:
+        os.unlink(partial_source)
+        raise
     log = []
     for flags in _FLAG_SETS:
         # A private output name, then an atomic rename: concurrent first uses never see half a file.
         fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
-        command = [compiler, *flags, *_COMMON_FLAGS, str(source), "-o", partial]
+        command = [compiler, *flags, *_COMMON_FLAGS, str(c_file), "-o", partial]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as error:
@@ -154,6 +187,7 @@ def _load() -> ctypes.CDLL | None:
         _warn(_state["reason"])
         return None
     try:
+        expected_abi = abi_version(source())
         path, _ = _build(compiler)
         library = ctypes.CDLL(str(path))
         signatures = dict(_SIGNATURES)
@@ -163,8 +197,11 @@ def _load() -> ctypes.CDLL | None:
             function = getattr(library, name)
             function.argtypes = argtypes
             function.restype = restype
-        if library.eetq_abi_version() != ABI_VERSION:
-            raise RuntimeError(f"kernel library {path} has ABI {library.eetq_abi_version()}, expected {ABI_VERSION}")
+        if library.eetq_abi_version() != expected_abi:
+            raise RuntimeError(
+                f"kernel library {path} has ABI {library.eetq_abi_version()}, expected {expected_abi}; "
+                "delete it to rebuild"
+            )
     except UnsafeFolderError as error:
         _state["reason"] = f"refusing to build or load compiled kernels ({error})"
         _warn(_state["reason"])

@@ -1,15 +1,12 @@
-"""C source of the CPU int8 kernels, compiled on first use by ``native.py``.
+/* eetq_lora's CPU int8 kernels, compiled on first use by cpu_library.py and loaded with ctypes
+   (native.py makes the checked calls). q is an int8 matrix [R, C] with unit column stride and row
+   stride ldq; its dequantized value is q[r, c] * row_scale[r] * col_scale[c] (a NULL scale counts
+   as 1). Activations and results are float32 unless a function says otherwise. */
 
-Kept as a Python string so that every install (wheel, sdist, editable) carries it without
-package-data configuration.
-"""
+/* Version of the exported functions' signatures: change it with any of them (cpu_library.py reads
+   it from this line and refuses a library that reports another). */
+#define EETQ_ABI_VERSION 6
 
-ABI_VERSION = 6
-
-SOURCE = r"""
-/* eetq_lora CPU kernels. q is an int8 matrix [R, C] with unit column stride and row stride ldq;
-   its dequantized value is q[r, c] * row_scale[r] * col_scale[c] (a NULL scale counts as 1).
-   Activations and results are float32 (the callers cast). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,21 +21,61 @@ SOURCE = r"""
 #define EETQ_AVX2 1
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
+/* vf is one vector register of VW floats: 16 with AVX-512, 8 with AVX, else 4. A vector type wider
+   than the target's registers would be compiled into loads and stores through the stack. */
+#if defined(EETQ_AVX512)
+#define VW 16
+#elif defined(__AVX__)
+#define VW 8
+#else
+#define VW 4
+#endif
+typedef float vf __attribute__((vector_size(4 * VW)));
 #define INLINE static inline __attribute__((always_inline))
+/* OpenMP directives; without OpenMP they vanish and every loop runs on the calling thread. */
+#ifdef _OPENMP
+#define OMP(directive) _Pragma(#directive)
+#else
+#define OMP(directive)
+#endif
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
-/* rowaxpy reads its share of rows in panels of this many bytes, which stay in L2 while every
-   column tile sweeps them; the next panel is prefetched meanwhile. A single activation row does
-   too little work per byte to hide a large panel's prefetch: it reads 64 KiB panels, 5-20% faster
-   at M=1 and slower from M=2 on (measured on Zen 5). */
+
+/* Tile shapes, in vectors, sized to the registers: AVX-512 has 32, the other targets 16.
+   rowdot multiplies DOT_ROWS_ONE weight rows at once by a single activation row, else DOT_ROWS
+   weight rows by up to 4 activation rows.
+   rowaxpy sweeps panels (below) with register tiles: AXPY_CV_FEW column vectors for one or two
+   activation rows, else, for each run of up to 4 activation rows, strips of AXPY_STRIP column
+   vectors in tiles of AXPY_CV(rows in the run) vectors. Where AXPY_STREAM is set it instead
+   streams whole weight rows for one to three activation rows (axpy_stream). */
+#if VW == 16
+#define DOT_ROWS_ONE 8
+#define DOT_ROWS 4
+#define AXPY_CV_FEW 8
+#define AXPY_STRIP 4
+#define AXPY_CV(rows) 4
+#define PANEL_MIN_ROWS 4
+#else
+#define DOT_ROWS_ONE 4
+#define DOT_ROWS 3
+#define AXPY_STREAM 1
+#define AXPY_CV_FEW 4
+#define AXPY_STRIP 6
+#define AXPY_CV(rows) ((rows) == 4 ? 2 : (rows) == 1 ? 6 : 3)
+#define PANEL_MIN_ROWS 32
+#endif
+/* rowaxpy's panels: a thread's rows in runs of this many bytes, which stay in L2 while every column
+   tile sweeps them and the next panel is prefetched. With a single activation row there is too
+   little work per byte to hide a large panel's prefetch, hence the smaller panel. A panel has at
+   least PANEL_MIN_ROWS rows, or a tile's loads and stores of its sums outweigh its work. */
 #define PANEL_BYTES 262144
 #define PANEL_BYTES_ONE_ROW 65536
-/* rowdot streams a few rows at once; prefetching this far ahead in each keeps DRAM busy. */
-#ifndef ROW_PREFETCH
+/* rowdot prefetches each weight row this many bytes ahead of its reads. */
 #define ROW_PREFETCH 2048
-#endif
+/* Without AVX-512, rowdot prefetches the next block of rows instead where a block is at most this
+   many bytes: short rows end before the hardware prefetcher has found their streams. */
+#define NEXT_BLOCK_PREFETCH_MAX 65536
 
-int eetq_abi_version(void) { return 6; }
+int eetq_abi_version(void) { return EETQ_ABI_VERSION; }
 
 #if defined(EETQ_AVX512) && defined(__AVX512BF16__)
 #define EETQ_BF16_DOT 1
@@ -64,29 +101,53 @@ INLINE vf load_q(const int8_t* p) {
 #if defined(EETQ_AVX512)
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 #elif defined(EETQ_AVX2)
-    __m128i b = _mm_loadu_si128((const __m128i*)p);
-    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-    vf v;
-    memcpy(&v, &lo, 32);
-    memcpy((char*)&v + 32, &hi, 32);
-    return v;
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 #else
     vf v;
-    for (int i = 0; i < 16; i++) v[i] = (float)p[i];
+    for (int i = 0; i < VW; i++) v[i] = (float)p[i];
     return v;
+#endif
+}
+
+/* a * b + c, rounded once where the target has fused multiply-adds. Spelled out rather than left
+   to the compiler's contraction, which it skips in some loops: every kernel then sums the same
+   products in the same order whatever tile it runs. */
+INLINE float fmadd1(float a, float b, float c) {
+#if defined(__FMA__) || defined(__FP_FAST_FMAF)
+    return __builtin_fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+INLINE vf fmadd(vf a, vf b, vf c) {
+#if defined(EETQ_AVX512)
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(EETQ_AVX2) && defined(__FMA__)
+    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
 #endif
 }
 
 INLINE vf load_f(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 INLINE void store_f(float* p, vf v) { memcpy(p, &v, sizeof v); }
-INLINE float hsum(vf v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+INLINE vf splat(float x) {
+#if VW == 16
+    return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#elif VW == 8
+    return (vf){x, x, x, x, x, x, x, x};
+#else
+    return (vf){x, x, x, x};
+#endif
+}
+INLINE float hsum(vf v) { float s = 0.f; for (int i = 0; i < VW; i++) s += v[i]; return s; }
 /* A tree sum (a different order from hsum's), for the LoRA adapter's dot products. */
 INLINE float tree_sum(vf v) {
 #if defined(EETQ_AVX512)
     return _mm512_reduce_add_ps((__m512)v);
 #else
-    for (int width = 8; width >= 1; width /= 2)
+    for (int width = VW / 2; width >= 1; width /= 2)
         for (int i = 0; i < width; i++) v[i] += v[i + width];
     return v[0];
 #endif
@@ -117,7 +178,7 @@ INLINE void store_bf16(uint16_t* dst, vf v) {
     u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
     _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 #else
-    for (int i = 0; i < 16; i++) dst[i] = bf16_scalar(v[i]);
+    for (int i = 0; i < VW; i++) dst[i] = bf16_scalar(v[i]);
 #endif
 }
 
@@ -130,27 +191,41 @@ static int thread_count(int requested) {
 #endif
 }
 
-/* out[m, r0 + j] = row_scale[r0 + j] * sum_c a[m, c] * q[r0 + j, c] for RB rows of q and MB rows of a. */
+/* acc[r][i] += q[r0 + r, c + k] * a[m0 + i, c + k] for one vector of columns c + k. */
+INLINE void rowdot_step(int RB, int MB, vf acc[8][4], const float* a, int64_t lda, const int8_t* q, int64_t ldq,
+                        int64_t r0, int64_t m0, int64_t c) {
+    vf w[8];
+    for (int r = 0; r < RB; r++) w[r] = load_q(q + (r0 + r) * ldq + c);
+    for (int i = 0; i < MB; i++) {
+        vf x = load_f(a + (m0 + i) * lda + c);
+        for (int r = 0; r < RB; r++) acc[r][i] = fmadd(w[r], x, acc[r][i]);
+    }
+}
+
+/* out[m, r0 + j] = row_scale[r0 + j] * sum_c a[m, c] * q[r0 + j, c] for RB rows of q and MB rows of a.
+   Each product is summed in lane c % VW in column order, then the lanes in order: the result for
+   a row does not depend on RB or MB. */
 INLINE void rowdot_block(int RB, int MB, const float* a, int64_t lda, const int8_t* q, int64_t ldq, int64_t C,
                          const float* row_scale, float* out, int64_t ldo, int64_t r0, int64_t m0) {
     vf acc[8][4];
     for (int r = 0; r < RB; r++)
         for (int i = 0; i < MB; i++) acc[r][i] = (vf){0};
+#if VW == 16
+    const int64_t ahead = ROW_PREFETCH;
+#else
+    const int64_t ahead = RB * ldq <= NEXT_BLOCK_PREFETCH_MAX ? RB * ldq : ROW_PREFETCH;
+#endif
     int64_t c = 0;
-    for (; c + 16 <= C; c += 16) {
-        vf w[8];
-        for (int r = 0; r < RB; r++) w[r] = load_q(q + (r0 + r) * ldq + c);
-        if (m0 == 0 && (c & 63) == 0)
-            for (int r = 0; r < RB; r++) __builtin_prefetch(q + (r0 + r) * ldq + c + ROW_PREFETCH, 0, 2);
-        for (int i = 0; i < MB; i++) {
-            vf x = load_f(a + (m0 + i) * lda + c);
-            for (int r = 0; r < RB; r++) acc[r][i] += w[r] * x;
-        }
+    for (; c + 64 <= C; c += 64) {
+        if (m0 == 0)
+            for (int r = 0; r < RB; r++) __builtin_prefetch(q + (r0 + r) * ldq + c + ahead, 0, 2);
+        for (int k = 0; k < 64; k += VW) rowdot_step(RB, MB, acc, a, lda, q, ldq, r0, m0, c + k);
     }
+    for (; c + VW <= C; c += VW) rowdot_step(RB, MB, acc, a, lda, q, ldq, r0, m0, c);
     for (int r = 0; r < RB; r++)
         for (int i = 0; i < MB; i++) {
             float t = hsum(acc[r][i]);
-            for (int64_t cc = c; cc < C; cc++) t += a[(m0 + i) * lda + cc] * (float)q[(r0 + r) * ldq + cc];
+            for (int64_t cc = c; cc < C; cc++) t = fmadd1(a[(m0 + i) * lda + cc], (float)q[(r0 + r) * ldq + cc], t);
             out[(m0 + i) * ldo + r0 + r] = row_scale ? t * row_scale[r0 + r] : t;
         }
 }
@@ -168,24 +243,25 @@ int eetq_rowdot(const float* a, int64_t M, int64_t lda, const int8_t* q, int64_t
         a = scaled;
         lda = C;
     }
-    /* A single activation row gives each weight row one accumulator chain: streaming 8 rows at once
-       keeps twice as many loads and multiply-adds in flight (10-15% faster M=1 reads). */
-    int rows = M == 1 ? 8 : 4;
+    /* A single activation row gives each weight row one accumulator chain, so more weight rows are
+       streamed at once to keep enough loads and multiply-adds in flight. */
+    int rows = M == 1 ? DOT_ROWS_ONE : DOT_ROWS;
     int64_t blocks = (R + rows - 1) / rows;
-    #pragma omp parallel for schedule(static) num_threads(thread_count(nthreads))
+    (void)nthreads; /* read only by the OpenMP directive */
+    OMP(omp parallel for schedule(static) num_threads(thread_count(nthreads)))
     for (int64_t b = 0; b < blocks; b++) {
         int64_t r0 = rows * b;
         int full = R - r0 >= rows;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             int mb = (int)MIN(4, M - m0);
             if (full && M == 1) {
-                rowdot_block(8, 1, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0);
+                rowdot_block(DOT_ROWS_ONE, 1, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0);
             } else if (full) {
                 switch (mb) {
-                case 4: rowdot_block(4, 4, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
-                case 3: rowdot_block(4, 3, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
-                case 2: rowdot_block(4, 2, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
-                default: rowdot_block(4, 1, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+                case 4: rowdot_block(DOT_ROWS, 4, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+                case 3: rowdot_block(DOT_ROWS, 3, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+                case 2: rowdot_block(DOT_ROWS, 2, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
+                default: rowdot_block(DOT_ROWS, 1, a, lda, q, ldq, C, row_scale, out, ldo, r0, m0); break;
                 }
             } else {
                 for (int64_t r = r0; r < R; r++)
@@ -197,31 +273,34 @@ int eetq_rowdot(const float* a, int64_t M, int64_t lda, const int8_t* q, int64_t
     return 0;
 }
 
-/* acc[i, c0 + j] (+)= sum_{r0 <= r < r1} g[i, r] * q[r, c0 + j] for MB rows of g and 16 * CV columns,
+/* rowaxpy sums each column's products in row order, one fused multiply-add at a time, in every
+   variant below: a thread's partial result does not depend on M or the tile shapes. */
+
+/* acc[i, c0 + j] (+)= sum_{r0 <= r < r1} g[i, r] * q[r, c0 + j] for MB rows of g and VW * CV columns,
    accumulated in registers; the first column tile of a panel also prefetches the next panel. */
 INLINE void axpy_tile(int MB, int CV, const float* g, int64_t ldg, const int8_t* q, int64_t ldq, int64_t r0,
                       int64_t r1, int64_t c0, float* acc, int64_t ldacc, int first, const int8_t** pf,
                       const int8_t* pf_end) {
     vf s[4][8];
     for (int i = 0; i < MB; i++)
-        for (int v = 0; v < CV; v++) s[i][v] = first ? (vf){0} : load_f(acc + i * ldacc + c0 + 16 * v);
+        for (int v = 0; v < CV; v++) s[i][v] = first ? (vf){0} : load_f(acc + i * ldacc + c0 + VW * v);
     for (int64_t r = r0; r < r1; r++) {
         const int8_t* row = q + r * ldq + c0;
         vf w[8];
-        for (int v = 0; v < CV; v++) w[v] = load_q(row + 16 * v);
+        for (int v = 0; v < CV; v++) w[v] = load_q(row + VW * v);
         if (pf)
-            for (int l = 0; l < CV; l += 4)
+            for (int l = 0; l < CV * VW; l += 64)
                 if (*pf < pf_end) {
                     __builtin_prefetch(*pf, 0, 2);
                     *pf += 64;
                 }
         for (int i = 0; i < MB; i++) {
-            float gi = g[i * ldg + r];
-            for (int v = 0; v < CV; v++) s[i][v] += gi * w[v];
+            vf gi = splat(g[i * ldg + r]);
+            for (int v = 0; v < CV; v++) s[i][v] = fmadd(gi, w[v], s[i][v]);
         }
     }
     for (int i = 0; i < MB; i++)
-        for (int v = 0; v < CV; v++) store_f(acc + i * ldacc + c0 + 16 * v, s[i][v]);
+        for (int v = 0; v < CV; v++) store_f(acc + i * ldacc + c0 + VW * v, s[i][v]);
 }
 
 // Thread t's share of summing the nt per-thread partial [M, C] results into out (scaled per column).
@@ -236,39 +315,96 @@ static void reduce_partials(const float* partial, int nt, int t, int64_t M, int6
     }
 }
 
+/* axpy_tile over AXPY_STRIP column vectors from c0, CV at a time. */
+INLINE void axpy_strip(int MB, int CV, const float* g, int64_t ldg, const int8_t* q, int64_t ldq, int64_t r0,
+                       int64_t r1, int64_t c0, float* acc, int64_t ldacc, int first, const int8_t** pf,
+                       const int8_t* pf_end) {
+    for (int v = 0; v < AXPY_STRIP; v += CV)
+        axpy_tile(MB, CV, g, ldg, q, ldq, r0, r1, c0 + VW * v, acc, ldacc, first, pf, pf_end);
+}
+
 static void axpy_panel(const float* g, int64_t M, int64_t ldg, const int8_t* q, int64_t ldq, int64_t C, int64_t r0,
                        int64_t r1, float* acc, int first, const int8_t* pf, const int8_t* pf_end) {
-    int wide = M <= 2;
-    int64_t step = wide ? 128 : 64, c0 = 0;
+    int few = M <= 2;
+    int64_t step = VW * (few ? AXPY_CV_FEW : AXPY_STRIP), c0 = 0;
     for (; c0 + step <= C; c0 += step) {
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             int mb = (int)MIN(4, M - m0);
             const float* gm = g + m0 * ldg;
             float* am = acc + m0 * C;
             const int8_t** p = m0 == 0 ? &pf : NULL;
-            if (wide) {
-                if (mb == 1) axpy_tile(1, 8, gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end);
-                else axpy_tile(2, 8, gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end);
+            if (few) {
+                if (mb == 1) axpy_tile(1, AXPY_CV_FEW, gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end);
+                else axpy_tile(2, AXPY_CV_FEW, gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end);
             } else {
                 switch (mb) {
-                case 4: axpy_tile(4, 4, gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end); break;
-                case 3: axpy_tile(3, 4, gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end); break;
-                case 2: axpy_tile(2, 4, gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end); break;
-                default: axpy_tile(1, 4, gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end); break;
+                case 4: axpy_strip(4, AXPY_CV(4), gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end); break;
+                case 3: axpy_strip(3, AXPY_CV(3), gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end); break;
+                case 2: axpy_strip(2, AXPY_CV(2), gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end); break;
+                default: axpy_strip(1, AXPY_CV(1), gm, ldg, q, ldq, r0, r1, c0, am, C, first, p, pf_end); break;
                 }
             }
         }
     }
-    for (; c0 + 16 <= C; c0 += 16)
+    for (; c0 + VW <= C; c0 += VW)
         for (int64_t m = 0; m < M; m++)
             axpy_tile(1, 1, g + m * ldg, ldg, q, ldq, r0, r1, c0, acc + m * C, C, first, NULL, NULL);
     for (; c0 < C; c0++)
         for (int64_t m = 0; m < M; m++) {
             float t = first ? 0.f : acc[m * C + c0];
-            for (int64_t r = r0; r < r1; r++) t += g[m * ldg + r] * (float)q[r * ldq + c0];
+            for (int64_t r = r0; r < r1; r++) t = fmadd1(g[m * ldg + r], (float)q[r * ldq + c0], t);
             acc[m * C + c0] = t;
         }
 }
+
+#ifdef AXPY_STREAM
+/* acc[i, c] += sum_{r0 <= r < r1} g[i, r] * q[r, c] for MB rows of g, reading RB rows of q at a time
+   from start to end (sequential streams the hardware prefetcher follows), CV column vectors per step. */
+INLINE void axpy_stream(int MB, int RB, int CV, const float* g, int64_t ldg, const int8_t* q, int64_t ldq, int64_t C,
+                        int64_t r0, int64_t r1, float* acc, int64_t ldacc) {
+    int64_t r = r0;
+    for (; r + RB <= r1; r += RB) {
+        vf gv[3][8];
+        for (int m = 0; m < MB; m++)
+            for (int i = 0; i < RB; i++) gv[m][i] = splat(g[m * ldg + r + i]);
+        const int8_t* rows = q + r * ldq;
+        int64_t c = 0;
+        for (; c + CV * VW <= C; c += CV * VW) {
+            vf s[3][4];
+            for (int m = 0; m < MB; m++)
+                for (int v = 0; v < CV; v++) s[m][v] = load_f(acc + m * ldacc + c + VW * v);
+            for (int i = 0; i < RB; i++)
+                for (int v = 0; v < CV; v++) {
+                    vf w = load_q(rows + i * ldq + c + VW * v);
+                    for (int m = 0; m < MB; m++) s[m][v] = fmadd(gv[m][i], w, s[m][v]);
+                }
+            for (int m = 0; m < MB; m++)
+                for (int v = 0; v < CV; v++) store_f(acc + m * ldacc + c + VW * v, s[m][v]);
+        }
+        for (; c + VW <= C; c += VW)
+            for (int m = 0; m < MB; m++) {
+                vf s = load_f(acc + m * ldacc + c);
+                for (int i = 0; i < RB; i++) s = fmadd(gv[m][i], load_q(rows + i * ldq + c), s);
+                store_f(acc + m * ldacc + c, s);
+            }
+        for (; c < C; c++)
+            for (int m = 0; m < MB; m++) {
+                float t = acc[m * ldacc + c];
+                for (int i = 0; i < RB; i++) t = fmadd1(g[m * ldg + r + i], (float)rows[i * ldq + c], t);
+                acc[m * ldacc + c] = t;
+            }
+    }
+    for (; r < r1; r++)
+        for (int m = 0; m < MB; m++) {
+            const int8_t* row = q + r * ldq;
+            float* am = acc + m * ldacc;
+            vf gv = splat(g[m * ldg + r]);
+            int64_t c = 0;
+            for (; c + VW <= C; c += VW) store_f(am + c, fmadd(gv, load_q(row + c), load_f(am + c)));
+            for (; c < C; c++) am[c] = fmadd1(g[m * ldg + r], (float)row[c], am[c]);
+        }
+}
+#endif
 
 /* out[m, c] = col_scale[c] * sum_r a[m, r] * row_scale[r] * q[r, c]: out = a @ dequant(q).
    Threads take contiguous runs of rows into private partial sums, added up at the end.
@@ -283,8 +419,8 @@ int eetq_rowaxpy(const float* a, int64_t M, int64_t lda, const int8_t* q, int64_
     for (int64_t m = 0; m < M; m++)
         for (int64_t r = 0; r < R; r++) g[m * R + r] = a[m * lda + r] * (row_scale ? row_scale[r] : 1.f);
     int64_t panel = (M == 1 ? PANEL_BYTES_ONE_ROW : PANEL_BYTES) / (C > 0 ? C : 1);
-    if (panel < 4) panel = 4;
-    #pragma omp parallel num_threads(T)
+    if (panel < PANEL_MIN_ROWS) panel = PANEL_MIN_ROWS;
+    OMP(omp parallel num_threads(T))
     {
 #ifdef _OPENMP
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -293,14 +429,29 @@ int eetq_rowaxpy(const float* a, int64_t M, int64_t lda, const int8_t* q, int64_
 #endif
         float* acc = partial + (int64_t)t * M * C;
         int64_t ra = R * t / nt, rb = R * (t + 1) / nt;
-        if (ra == rb) memset(acc, 0, sizeof(float) * M * C);
-        /* The first panel has no earlier one to prefetch it: fetch it in order before its column tiles hop rows. */
-        for (const int8_t* p = q + ra * ldq; p < q + MIN(rb, ra + panel) * ldq; p += 64) __builtin_prefetch(p, 0, 2);
-        for (int64_t r0 = ra; r0 < rb; r0 += panel) {
-            int64_t r1 = MIN(rb, r0 + panel), r2 = MIN(rb, r1 + panel);
-            axpy_panel(g, M, R, q, ldq, C, r0, r1, acc, r0 == ra, q + r1 * ldq, q + r2 * ldq);
+#ifdef AXPY_STREAM
+        if (M >= 1 && M <= 3) {
+            /* Shapes that fit the 16 registers: M * RB splatted activations and M * CV sums. */
+            memset(acc, 0, sizeof(float) * M * C);
+            if (M == 1)
+                axpy_stream(1, 8, 4, g, R, q, ldq, C, ra, rb, acc, C);
+            else if (M == 2)
+                axpy_stream(2, 3, 2, g, R, q, ldq, C, ra, rb, acc, C);
+            else
+                axpy_stream(3, 4, 1, g, R, q, ldq, C, ra, rb, acc, C);
+        } else
+#endif
+        {
+            if (ra == rb) memset(acc, 0, sizeof(float) * M * C);
+            /* The first panel has no earlier one to prefetch it: fetch it in order before its column
+               tiles hop rows. */
+            for (const int8_t* p = q + ra * ldq; p < q + MIN(rb, ra + panel) * ldq; p += 64) __builtin_prefetch(p, 0, 2);
+            for (int64_t r0 = ra; r0 < rb; r0 += panel) {
+                int64_t r1 = MIN(rb, r0 + panel), r2 = MIN(rb, r1 + panel);
+                axpy_panel(g, M, R, q, ldq, C, r0, r1, acc, r0 == ra, q + r1 * ldq, q + r2 * ldq);
+            }
         }
-        #pragma omp barrier
+        OMP(omp barrier)
         reduce_partials(partial, nt, t, M, C, col_scale, out, ldo);
     }
     free(partial);
@@ -310,14 +461,15 @@ int eetq_rowaxpy(const float* a, int64_t M, int64_t lda, const int8_t* q, int64_
 /* out[r, c] = q[r, c] * row_scale[r] * col_scale[c], stored as float32 (out_bf16 == 0) or bfloat16 bits. */
 void eetq_dequant(const int8_t* q, int64_t ldq, int64_t R, int64_t C, const float* row_scale, const float* col_scale,
                   void* out, int64_t ldo, int out_bf16, int nthreads) {
-    #pragma omp parallel for schedule(static) num_threads(thread_count(nthreads))
+    (void)nthreads; /* read only by the OpenMP directive */
+    OMP(omp parallel for schedule(static) num_threads(thread_count(nthreads)))
     for (int64_t r = 0; r < R; r++) {
         const int8_t* src = q + r * ldq;
         float rs = row_scale ? row_scale[r] : 1.f;
         int64_t c = 0;
         if (out_bf16) {
             uint16_t* dst = (uint16_t*)out + r * ldo;
-            for (; c + 16 <= C; c += 16) {
+            for (; c + VW <= C; c += VW) {
                 vf v = load_q(src + c) * rs;
                 if (col_scale) v *= load_f(col_scale + c);
                 store_bf16(dst + c, v);
@@ -325,7 +477,7 @@ void eetq_dequant(const int8_t* q, int64_t ldq, int64_t R, int64_t C, const floa
             for (; c < C; c++) dst[c] = bf16_scalar((float)src[c] * rs * (col_scale ? col_scale[c] : 1.f));
         } else {
             float* dst = (float*)out + r * ldo;
-            for (; c + 16 <= C; c += 16) {
+            for (; c + VW <= C; c += VW) {
                 vf v = load_q(src + c) * rs;
                 if (col_scale) v *= load_f(col_scale + c);
                 store_f(dst + c, v);
@@ -398,13 +550,13 @@ static float round_to(int format, float v) {
     return v;
 }
 
-/* sum_i x[i] * y[i], 16 lanes at a time (the LoRA adapter's small dot products). */
+/* sum_i x[i] * y[i], VW lanes at a time (the LoRA adapter's small dot products). */
 INLINE float dot_f(const float* x, const float* y, int64_t n) {
     vf acc = (vf){0};
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc += load_f(x + i) * load_f(y + i);
+    for (; i + VW <= n; i += VW) acc = fmadd(load_f(x + i), load_f(y + i), acc);
     float t = tree_sum(acc);
-    for (; i < n; i++) t += x[i] * y[i];
+    for (; i < n; i++) t = fmadd1(x[i], y[i], t);
     return t;
 }
 
@@ -413,13 +565,13 @@ INLINE void lora_hidden(int JB, const float* a, const float* lora_a, int64_t K, 
     vf acc[4];
     for (int j = 0; j < JB; j++) acc[j] = (vf){0};
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
+    for (; k + VW <= K; k += VW) {
         vf x = load_f(a + k);
-        for (int j = 0; j < JB; j++) acc[j] += x * load_f(lora_a + (j0 + j) * K + k);
+        for (int j = 0; j < JB; j++) acc[j] = fmadd(x, load_f(lora_a + (j0 + j) * K + k), acc[j]);
     }
     for (int j = 0; j < JB; j++) {
         float t = tree_sum(acc[j]);
-        for (int64_t kk = k; kk < K; kk++) t += a[kk] * lora_a[(j0 + j) * K + kk];
+        for (int64_t kk = k; kk < K; kk++) t = fmadd1(a[kk], lora_a[(j0 + j) * K + kk], t);
         hidden[j0 + j] = t;
     }
 }
@@ -498,9 +650,10 @@ done:
 }
 
 #ifdef EETQ_BF16_DOT
-/* bfloat16 variants for M >= 8 with bfloat16 activations: VDPBF16PS does two multiply-adds per
-   lane, and int8 converts to bfloat16 exactly, so only the activations' rounding differs from the
-   float32 kernels. Weights are converted once per 8 activation rows. */
+/* bfloat16 variants for several activation rows in bfloat16 (cpu.py takes them from
+   BF16_DOT_MIN_ROWS rows): VDPBF16PS does two multiply-adds per lane, and int8 converts to
+   bfloat16 exactly, so only the activations' rounding differs from the float32 kernels. Weights
+   are converted once per 8 activation rows. */
 
 INLINE void rowdot16_block(int MB, const uint16_t* a, int64_t lda, const int8_t* q, int64_t ldq, int64_t C,
                            const float* row_scale, float* out, int64_t ldo, int64_t r0, int64_t m0) {
@@ -536,7 +689,8 @@ INLINE void rowdot16_block(int MB, const uint16_t* a, int64_t lda, const int8_t*
 void eetq_rowdot_bf16(const uint16_t* a, int64_t M, int64_t lda, const int8_t* q, int64_t R, int64_t C, int64_t ldq,
                       const float* row_scale, float* out, int64_t ldo, int nthreads) {
     int64_t blocks = R / 2;
-    #pragma omp parallel for schedule(static) num_threads(thread_count(nthreads))
+    (void)nthreads; /* read only by the OpenMP directive */
+    OMP(omp parallel for schedule(static) num_threads(thread_count(nthreads)))
     for (int64_t b = 0; b < blocks; b++) {
         int64_t r0 = 2 * b;
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
@@ -604,7 +758,7 @@ int eetq_rowaxpy_bf16(const uint16_t* a, int64_t M, int64_t lda, const int8_t* q
             gp[m * pairs + p] = (uint32_t)a[m * lda + 2 * p] | ((uint32_t)a[m * lda + 2 * p + 1] << 16);
     int64_t panel = PANEL_BYTES / (2 * (C > 0 ? C : 1));
     if (panel < 2) panel = 2;
-    #pragma omp parallel num_threads(T)
+    OMP(omp parallel num_threads(T))
     {
 #ifdef _OPENMP
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -652,7 +806,7 @@ int eetq_rowaxpy_bf16(const uint16_t* a, int64_t M, int64_t lda, const int8_t* q
                 float x = bf16_to_float(a[m * lda + R - 1]);
                 for (int64_t c = 0; c < C; c++) acc[m * C + c] += x * (float)q[(R - 1) * ldq + c];
             }
-        #pragma omp barrier
+        OMP(omp barrier)
         reduce_partials(partial, nt, t, M, C, col_scale, out, ldo);
     }
     free(partial);
@@ -660,4 +814,3 @@ int eetq_rowaxpy_bf16(const uint16_t* a, int64_t M, int64_t lda, const int8_t* q
     return 0;
 }
 #endif
-"""
