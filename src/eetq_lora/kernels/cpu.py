@@ -149,44 +149,38 @@ def _tile_size(total: int, other: int, dtype: torch.dtype) -> int:
     return min(total, rows)
 
 
-def tiled_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x [M, in] @ Wt`` as ``dtype`` GEMMs on dequantized tiles of output channels."""
+def _tiled(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, forward: bool):
+    # The output's columns are output channels (forward) or input channels (grad_input); each tile
+    # dequantizes the slice of the weight those columns need, scaled along the output-channel axis.
     q, rows_are_outputs = weight_rows(qweight)
     in_features, out_features = qweight.shape
+    width, depth = (out_features, in_features) if forward else (in_features, out_features)
     s = scales.to(torch.float32).contiguous()
+    slice_rows = rows_are_outputs == forward  # the output's columns are q's rows
     with torch.no_grad():
-        a = x.to(dtype)
-        out = torch.empty(x.shape[0], out_features, dtype=dtype)
-        step = _tile_size(out_features, in_features, dtype)
-        for n0 in range(0, out_features, step):
-            n1 = min(out_features, n0 + step)
-            if rows_are_outputs:
-                tile = _dequantize_tile(q[n0:n1], s[n0:n1], None, dtype).t()
-            else:
-                tile = _dequantize_tile(q[:, n0:n1], None, s[n0:n1], dtype)
-            torch.mm(a, tile, out=out[:, n0:n1])
+        a = a.to(dtype)
+        out = torch.empty(a.shape[0], width, dtype=dtype)
+        step = _tile_size(width, depth, dtype)
+        for n0 in range(0, width, step):
+            n1 = min(width, n0 + step)
+            part = q[n0:n1] if slice_rows else q[:, n0:n1]
+            row_scale = (s[n0:n1] if slice_rows else s) if rows_are_outputs else None
+            col_scale = None if rows_are_outputs else (s[n0:n1] if not slice_rows else s)
+            tile = _dequantize_tile(part, row_scale, col_scale, dtype)
+            torch.mm(a, tile.t() if slice_rows else tile, out=out[:, n0:n1])
     return out
+
+
+def tiled_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x [M, in] @ Wt`` as ``dtype`` GEMMs on dequantized tiles of output channels."""
+    return _tiled(x, qweight, scales, dtype, forward=True)
 
 
 def tiled_grad_input(
     grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """``grad [M, out] @ W`` as ``dtype`` GEMMs on dequantized tiles of input channels."""
-    q, rows_are_outputs = weight_rows(qweight)
-    in_features, out_features = qweight.shape
-    s = scales.to(torch.float32).contiguous()
-    with torch.no_grad():
-        g = grad.to(dtype)
-        out = torch.empty(grad.shape[0], in_features, dtype=dtype)
-        step = _tile_size(in_features, out_features, dtype)
-        for k0 in range(0, in_features, step):
-            k1 = min(in_features, k0 + step)
-            if rows_are_outputs:
-                tile = _dequantize_tile(q[:, k0:k1], s, None, dtype)
-            else:
-                tile = _dequantize_tile(q[k0:k1], None, s, dtype).t()
-            torch.mm(g, tile, out=out[:, k0:k1])
-    return out
+    return _tiled(grad, qweight, scales, dtype, forward=False)
 
 
 def int8pack_supported(qweight: torch.Tensor) -> bool:

@@ -259,13 +259,15 @@ def stream(
     return out
 
 
-def rowdot_bf16(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None) -> torch.Tensor:
-    """``rowdot`` with bfloat16 activations (no column scale): float32 ``out[m, r] = row_scale[r] * a[m] . q[r]``."""
-    check_operands("rowdot_bf16", a, (torch.bfloat16,), "columns", q, {"rows": (row_scale, torch.float32)})
-    lib = library()
+def _streamed_bf16(kernel: str, a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    # rowdot_bf16 and rowaxpy_bf16 share one C signature; rowdot scales q's rows, rowaxpy its columns.
+    rowaxpy = kernel == "rowaxpy_bf16"
+    side = "columns" if rowaxpy else "rows"
+    check_operands(kernel, a, (torch.bfloat16,), "rows" if rowaxpy else "columns", q, {side: (scale, torch.float32)})
     m, r, c = a.shape[0], q.shape[0], q.shape[1]
-    out = torch.empty(m, r, dtype=torch.float32)
-    lib.eetq_rowdot_bf16(
+    width = c if rowaxpy else r
+    out = torch.empty(m, width, dtype=torch.float32)
+    status_code = getattr(library(), f"eetq_{kernel}")(
         a.data_ptr(),
         m,
         a.stride(0),
@@ -273,33 +275,21 @@ def rowdot_bf16(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None
         r,
         c,
         q.stride(0),
-        _ptr(row_scale),
+        _ptr(scale),
         out.data_ptr(),
-        r,
+        width,
         _threads(m, q),
     )
+    if status_code:  # rowdot_bf16 returns nothing; rowaxpy_bf16 returns -1 when out of memory
+        raise MemoryError(f"eetq_lora: the CPU {kernel} kernel could not allocate its workspace")
     return out
+
+
+def rowdot_bf16(a: torch.Tensor, q: torch.Tensor, row_scale: torch.Tensor | None) -> torch.Tensor:
+    """``rowdot`` with bfloat16 activations (no column scale): float32 ``out[m, r] = row_scale[r] * a[m] . q[r]``."""
+    return _streamed_bf16("rowdot_bf16", a, q, row_scale)
 
 
 def rowaxpy_bf16(a: torch.Tensor, q: torch.Tensor, col_scale: torch.Tensor | None) -> torch.Tensor:
     """``rowaxpy`` with bfloat16 activations (no row scale): float32 ``out[m, c] = col_scale[c] * a[m] @ q[:, c]``."""
-    check_operands("rowaxpy_bf16", a, (torch.bfloat16,), "rows", q, {"columns": (col_scale, torch.float32)})
-    lib = library()
-    m, r, c = a.shape[0], q.shape[0], q.shape[1]
-    out = torch.empty(m, c, dtype=torch.float32)
-    status_code = lib.eetq_rowaxpy_bf16(
-        a.data_ptr(),
-        m,
-        a.stride(0),
-        q.data_ptr(),
-        r,
-        c,
-        q.stride(0),
-        _ptr(col_scale),
-        out.data_ptr(),
-        c,
-        _threads(m, q),
-    )
-    if status_code != 0:
-        raise MemoryError("eetq_lora: the CPU rowaxpy_bf16 kernel could not allocate its workspace")
-    return out
+    return _streamed_bf16("rowaxpy_bf16", a, q, col_scale)
