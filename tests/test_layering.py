@@ -80,6 +80,43 @@ def test_imports_follow_the_layers(path):
         assert (importer, imported) not in FORBIDDEN, f"{where}: eetq_lora.{importer} must not import {imported}"
 
 
+def _names_taken_from_packages(path: Path) -> list[tuple[str, str, int]]:
+    """(package, name, line) for each name imported from a package's ``__init__`` rather than a module."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package[: len(package) - (node.level - 1)]
+            target = base + tuple(node.module.split(".")) if node.module else base
+        elif node.module and node.module.split(".")[0] == "eetq_lora":
+            target = tuple(node.module.split("."))[1:]
+        else:
+            continue
+        folder = SOURCE.joinpath(*target)
+        if not (folder / "__init__.py").is_file():
+            continue
+        for alias in node.names:
+            if not ((folder / f"{alias.name}.py").is_file() or (folder / alias.name / "__init__.py").is_file()):
+                found.append(("/".join(target) or "eetq_lora", alias.name, node.lineno))
+    return found
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in SOURCES if p.name != "__init__.py"], ids=lambda p: str(p.relative_to(SOURCE))
+)
+def test_modules_import_names_from_their_defining_module(path):
+    # A package's __init__ is its public face; inside the package tree, names come from where they
+    # are defined, so moving a re-export never breaks (or cycles) an internal import.
+    for package, name, line in _names_taken_from_packages(path):
+        raise AssertionError(
+            f"{path.relative_to(SOURCE)}:{line} imports {name!r} from the package {package}; "
+            "import it from the module that defines it"
+        )
+
+
 def test_the_checker_sees_imports_of_every_kind(tmp_path, monkeypatch):
     # A self-check: relative, absolute and in-function imports are all found.
     module = SOURCE / "lora" / "layer.py"
@@ -90,3 +127,8 @@ def test_the_checker_sees_imports_of_every_kind(tmp_path, monkeypatch):
     fake.write_text(text)
     monkeypatch.setattr("tests.test_layering._module_name", lambda path: ("lora", "fake"))
     assert {target for target, _ in _imports(fake)} == {("kernels",), ("cli", "main"), ()}
+    assert [(package, name) for package, name, _ in _names_taken_from_packages(fake)] == [("eetq_lora", "EetqLinear")]
+    fake.write_text(
+        "from ..data import load_file\nfrom ..data import files\nfrom ..kernels.dispatch import int8_linear\n"
+    )
+    assert [(package, name) for package, name, _ in _names_taken_from_packages(fake)] == [("data", "load_file")]

@@ -86,7 +86,8 @@ def counting_batches(model, bar):
 
 @handles_errors("eval")
 def run(args: argparse.Namespace) -> int:
-    from ..data import PromptFormat, choose_eval_data, encode_examples, held_out_set
+    from ..data.encode import PromptFormat, encode_examples
+    from ..data.sources import choose_eval_data, held_out_set
     from ..errors import DataError
     from ..models.adapters import load_for_inference, read_adapter, setting, using
     from ..training.evaluate import evaluate

@@ -192,7 +192,7 @@ SETTING_FLAGS = (
 
 def config_from_args(args: argparse.Namespace, base=None):
     """A FinetuneConfig: flags given on the command line over ``base`` (the defaults, or a saved run's settings)."""
-    from ..data import data_argument, eval_data_argument
+    from ..data.sources import data_argument, eval_data_argument
     from ..training.config import FinetuneConfig
 
     values = (base or FinetuneConfig()).to_dict()

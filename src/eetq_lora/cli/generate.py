@@ -126,7 +126,7 @@ def parse_seed(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import PromptFormat
+    from ..data.encode import PromptFormat
     from ..models.adapters import load_for_inference, using
     from ..training.progress import progress_bar
 

@@ -313,7 +313,7 @@ def _mismatch(load: _Load, tensor: torch.Tensor, entry: _Stored) -> str | None:
 
 def _attach_lora(model: nn.Module, lora_config: Any, adapter_name: str, seed: int):
     """LoRA on the meta model; returns the PeftModel and the adapters' initial values, keyed by (module, name)."""
-    from ..lora import get_peft_model
+    from ..lora.peft_glue import get_peft_model
 
     before = {id(module) for module in model.modules()}
     # The adapters are made on the CPU, consuming the random stream exactly as get_peft_model does in

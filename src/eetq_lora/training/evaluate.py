@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..data import Encoded, collate
+from ..data.encode import Encoded, collate
 from .distributed import DistContext
 from .loss import answer_token_stats
 

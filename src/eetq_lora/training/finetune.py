@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from ..atomic import FolderLock, write_json_atomic
-from ..data import EncodedSet, PromptFormat, Split, encode_examples, load_dataset, load_eval_dataset, training_split
+from ..data.encode import EncodedSet, PromptFormat, encode_examples
+from ..data.sources import load_dataset, load_eval_dataset
+from ..data.split import Split, training_split
 from ..errors import DataError, UserError
 from ..lora.peft_glue import get_peft_model, load_adapter
 from ..models.load import (

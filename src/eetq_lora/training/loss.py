@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data import IGNORE_INDEX
+from ..data.encode import IGNORE_INDEX
 from .linear_cross_entropy import linear_cross_entropy
 
 # Causal LMs whose forward computes logits = lm_head(decoder(...).last_hidden_state) and nothing more.

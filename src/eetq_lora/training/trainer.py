@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Encoded, collate, supervised_tokens
+from ..data.encode import Encoded, collate, supervised_tokens
 from .config import FinetuneConfig
 from .distributed import DistContext
 from .evaluate import EvalResult
