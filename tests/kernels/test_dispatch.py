@@ -38,12 +38,17 @@ def test_cpu_rows_threshold_separates_stream_and_tiled(compute, op):
 
 
 @needs_native
-def test_bfloat16_gradients_leave_streaming_sooner_without_bf16_dot_products(monkeypatch):
-    monkeypatch.setattr(cpu_library, "has_bf16_dot", lambda: False)
+@pytest.mark.parametrize("bf16_dot", [True, False])
+def test_streaming_limits_follow_the_cpus_kernels(monkeypatch, bf16_dot):
+    # With the bfloat16 dot products (AVX512-BF16) bfloat16 GEMMs are native and take over from 32
+    # rows; without them bfloat16 keeps streaming, and float32 leaves sooner.
+    monkeypatch.setattr(cpu_library, "has_bf16_dot", lambda: bf16_dot)
     qweight, _ = int8_weight(64, 48)
-    assert select_path("cpu", torch.bfloat16, 8, qweight, "grad_input").name == "cpu-stream"
-    assert select_path("cpu", torch.bfloat16, 9, qweight, "grad_input").name == "cpu-tiled"
-    assert select_path("cpu", torch.bfloat16, 32, qweight, "forward").name == "cpu-stream"
+    expected = {torch.bfloat16: 32, torch.float32: 128} if bf16_dot else {torch.bfloat16: 128, torch.float32: 48}
+    for compute, limit in expected.items():
+        for op in ("forward", "grad_input"):
+            assert select_path("cpu", compute, limit, qweight, op).name == "cpu-stream"
+            assert select_path("cpu", compute, limit + 1, qweight, op).name == "cpu-tiled"
 
 
 def test_without_compiled_kernels_cpu_uses_torch_paths(monkeypatch):

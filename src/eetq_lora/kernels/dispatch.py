@@ -47,8 +47,15 @@ STREAM_MAX_ROWS = {
     ("forward", torch.float32): 128,
     ("grad_input", torch.float32): 128,
 }
-# Without the bfloat16 dot-product kernels (no AVX512-BF16), bfloat16 gradients leave sooner.
-STREAM_MAX_ROWS_FLOAT32_KERNELS = {("grad_input", torch.bfloat16): 8}
+# The same on CPUs without the bfloat16 dot-product kernels (no AVX512-BF16, such as AVX2-only
+# ones): their bfloat16 GEMMs are emulated, far slower than streaming, and their narrower float32
+# streaming kernels meet the float32 GEMM sooner.
+STREAM_MAX_ROWS_FLOAT32_KERNELS = {
+    ("forward", torch.bfloat16): 128,
+    ("grad_input", torch.bfloat16): 128,
+    ("forward", torch.float32): 48,
+    ("grad_input", torch.float32): 48,
+}
 INT8PACK_MAX_ROWS = 16
 # From this M on CUDA, dequantize + cuBLAS beats the fused kernel: the one-pass dequantize costs
 # about one M=1 read, while the fused kernel's tiles are sized for few rows.
@@ -157,9 +164,8 @@ def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
 
 def stream_limit(op: str, compute: torch.dtype) -> int:
     """Largest M the streaming kernels take for ``op`` in ``compute`` on this CPU (0: never)."""
-    if not cpu_library.has_bf16_dot() and (op, compute) in STREAM_MAX_ROWS_FLOAT32_KERNELS:
-        return STREAM_MAX_ROWS_FLOAT32_KERNELS[(op, compute)]
-    return STREAM_MAX_ROWS.get((op, compute), 0)
+    limits = STREAM_MAX_ROWS if cpu_library.has_bf16_dot() else STREAM_MAX_ROWS_FLOAT32_KERNELS
+    return limits.get((op, compute), 0)
 
 
 def select_path(
