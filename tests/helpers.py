@@ -1,6 +1,8 @@
-"""Tiny models built from config (no downloads) shared by the tests."""
+"""Tiny models built from config, a word-level tokenizer and prompt/response pairs (no downloads) for the tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,3 +49,95 @@ def dequantized_twin(quantized: torch.nn.Module, seed: int = 0) -> LlamaForCausa
             float_name = name.removesuffix(".base_layer").removesuffix(".quant_linear_module")
             twin.get_submodule(float_name).weight.data = module.dequantize(torch.float32)
     return twin
+
+
+# --- a tiny Llama saved with a word-level tokenizer, and the prompt/response pairs it is trained on ---
+
+ANIMALS = [
+    "cat",
+    "dog",
+    "cow",
+    "fox",
+    "owl",
+    "bee",
+    "ant",
+    "elk",
+    "yak",
+    "emu",
+    "rat",
+    "bat",
+    "eel",
+    "hen",
+    "pig",
+    "ram",
+]
+SOUNDS = [
+    "meow",
+    "woof",
+    "moo",
+    "yip",
+    "hoot",
+    "buzz",
+    "tick",
+    "bugle",
+    "grunt",
+    "boom",
+    "squeak",
+    "click",
+    "zap",
+    "cluck",
+    "oink",
+    "baa",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def qa_pairs() -> list[dict[str, str]]:
+    """48 prompt/response pairs with a learnable pattern (what an animal says)."""
+    pairs = []
+    for animal, sound in zip(ANIMALS, SOUNDS, strict=True):
+        pairs.append({"prompt": f"what does the {animal} say ?", "response": f"the {animal} says {sound} ."})
+        pairs.append({"prompt": f"which sound does a {animal} make ?", "response": f"a {animal} makes {sound} ."})
+        pairs.append({"prompt": f"tell me the {animal} sound", "response": f"{sound} is the {animal} sound ."})
+    return pairs
+
+
+def make_tokenizer(chat_template: str | None = None):
+    """A word-level tokenizer trained in memory on the fixture texts (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [p["prompt"] + " " + p["response"] for p in qa_pairs()]
+    texts += ["Question : Answer : user assistant system < > a plain line of text for the model to learn"]
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<user>", "<assistant>"])
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<assistant>"]})
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def make_model_dir(folder: Path, chat_template: str | None = None, seed: int = 0) -> Path:
+    """Save in ``folder`` a tiny Llama (seeded by ``seed``) with the word-level tokenizer; returns ``folder``."""
+    tokenizer = make_tokenizer(chat_template)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -11,99 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
-ANIMALS = [
-    "cat",
-    "dog",
-    "cow",
-    "fox",
-    "owl",
-    "bee",
-    "ant",
-    "elk",
-    "yak",
-    "emu",
-    "rat",
-    "bat",
-    "eel",
-    "hen",
-    "pig",
-    "ram",
-]
-SOUNDS = [
-    "meow",
-    "woof",
-    "moo",
-    "yip",
-    "hoot",
-    "buzz",
-    "tick",
-    "bugle",
-    "grunt",
-    "boom",
-    "squeak",
-    "click",
-    "zap",
-    "cluck",
-    "oink",
-    "baa",
-]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
-)
-
-
-def qa_pairs() -> list[dict[str, str]]:
-    """48 prompt/response pairs with a learnable pattern (what an animal says)."""
-    pairs = []
-    for animal, sound in zip(ANIMALS, SOUNDS, strict=True):
-        pairs.append({"prompt": f"what does the {animal} say ?", "response": f"the {animal} says {sound} ."})
-        pairs.append({"prompt": f"which sound does a {animal} make ?", "response": f"a {animal} makes {sound} ."})
-        pairs.append({"prompt": f"tell me the {animal} sound", "response": f"{sound} is the {animal} sound ."})
-    return pairs
-
-
-def make_tokenizer(chat_template: str | None = None):
-    """A word-level tokenizer trained in memory on the fixture texts (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [p["prompt"] + " " + p["response"] for p in qa_pairs()]
-    texts += ["Question : Answer : user assistant system < > a plain line of text for the model to learn"]
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<user>", "<assistant>"])
-    backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<assistant>"]})
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    return tokenizer
-
-
-def make_model_dir(folder: Path, chat_template: str | None = None, seed: int = 0) -> Path:
-    from transformers import LlamaForCausalLM
-
-    from tests.helpers import tiny_llama_config
-
-    tokenizer = make_tokenizer(chat_template)
-    config = tiny_llama_config(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from tests.cli.helpers import CtrlCBeforeStep
+from tests.helpers import CHAT_TEMPLATE, make_model_dir, qa_pairs
 
 
 @pytest.fixture(scope="session")
@@ -212,25 +122,6 @@ def terminal_bars(monkeypatch):
     return bars, shown
 
 
-class CtrlCBeforeStep:
-    """Stands in for StopRequest: Ctrl-C arrives during step ``step`` (the flag is read once per step)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.reads = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    @property
-    def requested(self) -> bool:
-        self.reads += 1
-        return self.reads >= self.step
-
-
 @pytest.fixture
 def ctrl_c(monkeypatch) -> Callable[[int | None], None]:
     """``ctrl_c(n)``: the finetune runs of this process that follow get a Ctrl-C during step n;
@@ -256,7 +147,7 @@ def ctrl_c_script(path: Path, step: int) -> Path:
         f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
         "from eetq_lora.cli.main import main\n"
         "from eetq_lora.training import finetune\n"
-        "from tests.cli.conftest import CtrlCBeforeStep\n"
+        "from tests.cli.helpers import CtrlCBeforeStep\n"
         f"finetune.StopRequest = lambda: CtrlCBeforeStep({step})\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

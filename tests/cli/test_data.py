@@ -12,8 +12,9 @@ import pytest
 from eetq_lora.cli.main import main
 from eetq_lora.data import PromptFormat, encode_examples, load_file, split_dataset
 from eetq_lora.models import load_tokenizer
+from tests.helpers import ANIMALS, SOUNDS, qa_pairs
 
-from .conftest import ANIMALS, SOUNDS, qa_pairs, tiny_args
+from .conftest import tiny_args
 
 
 def chats() -> list[dict]:

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from eetq_lora.cli.main import main
+from tests.helpers import qa_pairs
 
-from .conftest import qa_pairs, tiny_args
+from .conftest import tiny_args
 
 
 @pytest.fixture(scope="module")

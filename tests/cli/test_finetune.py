@@ -26,8 +26,9 @@ from eetq_lora.atomic import FolderLock
 from eetq_lora.cli.main import main
 from eetq_lora.training import finetune as finetune_module
 from eetq_lora.training import runtime, trainer
+from tests.helpers import qa_pairs
 
-from .conftest import qa_pairs, run_cli, tiny_args
+from .conftest import run_cli, tiny_args
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 FLAGS = (

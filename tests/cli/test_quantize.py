@@ -18,9 +18,9 @@ from eetq_lora import EetqLinear, quantize_model, quantize_weight
 from eetq_lora.cli.common import usable_cpus
 from eetq_lora.cli.main import build_parser, main
 from eetq_lora.format.layout import pack_weight
-from tests.format.test_layout import sm70_by_steps, sm75_by_gather, stored_bytes
+from tests.format.helpers import sm70_by_steps, sm75_by_gather, stored_bytes
 from tests.helpers import tiny_llama, token_batch
-from tests.quant.test_convert import LINEARS, float_folder
+from tests.quant.helpers import LINEARS, float_folder
 
 WIDE = dict(hidden_size=128, intermediate_size=256)
 

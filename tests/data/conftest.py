@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from eetq_lora.data import PromptFormat
-from tests.cli.conftest import CHAT_TEMPLATE, make_tokenizer
+from tests.helpers import CHAT_TEMPLATE, make_tokenizer
 
 # One record of each form, with the Examples they must load as.
 SYSTEM_CHAT = [
@@ -21,11 +21,6 @@ RECORDS = [
     {"messages": SYSTEM_CHAT},
     {"messages": [{"role": "user", "content": "what does the owl say ?"}, {"role": "assistant", "content": "hoot"}]},
 ]
-
-
-def write(path, text: str):
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ import pytest
 
 from eetq_lora.data import load_file
 from eetq_lora.errors import DataError, MissingPackageError
+from tests.data.helpers import table_rows, write, write_jsonl, write_parquet, write_saved_dataset
 
-from .conftest import RECORDS, write
-from .test_files import table_rows, write_jsonl, write_parquet, write_saved_dataset
+from .conftest import RECORDS
 
 
 def test_the_optional_packages_are_not_imported_with_the_library():

@@ -18,9 +18,10 @@ from eetq_lora.data import (
     supervised_tokens,
 )
 from eetq_lora.errors import DataError
-from tests.cli.conftest import CHAT_TEMPLATE, make_tokenizer
+from tests.data.helpers import write
+from tests.helpers import CHAT_TEMPLATE, make_tokenizer
 
-from .conftest import SYSTEM_CHAT, write
+from .conftest import SYSTEM_CHAT
 
 # CHAT_TEMPLATE with the assistant's part marked, so that transformers itself can say which tokens
 # are the assistant's (return_assistant_tokens_mask): an independent reference for the labels.

@@ -12,19 +12,13 @@ import pytest
 from eetq_lora.data import Example, load_file
 from eetq_lora.data.rows import example_from_record
 from eetq_lora.errors import DataError
+from tests.data.helpers import COLUMNS, write, write_jsonl, write_parquet, write_saved_dataset
 
-from .conftest import RECORDS, write
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    return write(path, "".join(json.dumps(r) + "\n" for r in records))
+from .conftest import RECORDS
 
 
 def write_json(path: Path, records: list) -> Path:
     return write(path, json.dumps(records, indent=2))
-
-
-COLUMNS = ["prompt", "response", "completion", "messages"]
 
 
 def write_csv(path: Path, records: list) -> Path:
@@ -33,25 +27,6 @@ def write_csv(path: Path, records: list) -> Path:
         writer.writeheader()
         for record in records:
             writer.writerow({k: json.dumps(v) if k == "messages" else v for k, v in record.items()})
-    return path
-
-
-def table_rows(records: list) -> list[dict]:
-    """Records as rows of one table: a column a record does not use holds None."""
-    return [{column: record.get(column) for column in COLUMNS} for record in records]
-
-
-def write_parquet(path: Path, records: list) -> Path:
-    pa = pytest.importorskip("pyarrow")
-    parquet = pytest.importorskip("pyarrow.parquet")
-    parquet.write_table(pa.Table.from_pylist(table_rows(records)), path)
-    return path
-
-
-def write_saved_dataset(path: Path, records: list) -> Path:
-    datasets = pytest.importorskip("datasets")
-    datasets.disable_progress_bars()
-    datasets.Dataset.from_list(table_rows(records)).save_to_disk(str(path))
     return path
 
 

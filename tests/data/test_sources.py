@@ -22,9 +22,8 @@ from eetq_lora.data import (
     split_dataset,
 )
 from eetq_lora.errors import DataError
-from tests.cli.conftest import qa_pairs
-
-from .test_files import write_jsonl
+from tests.data.helpers import write_jsonl
+from tests.helpers import qa_pairs
 
 CORPUS = Dataset((Example("built", "in"), Example("other", "pair")), "built-in corpus")
 

@@ -9,7 +9,7 @@ import pytest
 from eetq_lora.data import Dataset, Example, Message, split_dataset, training_split
 from eetq_lora.data.split import group_key
 from eetq_lora.errors import DataError
-from tests.cli.conftest import qa_pairs
+from tests.helpers import qa_pairs
 
 
 def dataset_of(pairs, source: str = "test") -> Dataset:

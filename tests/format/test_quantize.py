@@ -1,4 +1,4 @@
-"""quantize_weight / dequantize_weight against REFERENCE.md section 1, computed independently."""
+"""quantize_weight / dequantize_weight against EETQ's quantization rules, computed independently element by element."""
 
 import math
 import warnings
@@ -11,7 +11,7 @@ from eetq_lora import dequantize_weight, quantize_weight
 
 
 def reference_quantize(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Element by element from REFERENCE.md: fp32 absmax/128, fp32 division, C round, clamp, NaN -> 127."""
+    """Element by element from EETQ's rules: fp32 absmax/128, fp32 division, C round, clamp, NaN -> 127."""
     w = weight.float().numpy()
     out_features, in_features = w.shape
     q = np.zeros((in_features, out_features), dtype=np.int8)

@@ -19,7 +19,7 @@ import eetq_lora
 from eetq_lora import EetqLinear, mark_eetq_quantized, quantize_model, quantize_weight, set_checkpoint_layout
 from eetq_lora.format.layout import pack_weight
 from eetq_lora.integrations import EetqLoraHfQuantizer, is_transformers_enabled, read_checkpoint_layout
-from tests.format.test_layout import sm70_by_steps, sm75_by_gather, stored_bytes
+from tests.format.helpers import sm70_by_steps, sm75_by_gather, stored_bytes
 from tests.helpers import tiny_llama, token_batch
 
 WIDE = dict(hidden_size=128, intermediate_size=256)  # every projection fits EETQ's 64-multiples

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eetq_lora
 from eetq_lora import EetqLoraLinear
-from tests.cli.conftest import CHAT_TEMPLATE, make_model_dir, qa_pairs
+from tests.helpers import CHAT_TEMPLATE, make_model_dir, qa_pairs
 
 pytest.importorskip("datasets", reason="TRL and the datasets package come with the test extra")
 

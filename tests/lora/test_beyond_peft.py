@@ -8,23 +8,7 @@ from peft import get_peft_model as peft_get_peft_model
 import eetq_lora
 from eetq_lora import EetqLoraLinear
 from tests.helpers import dequantized_twin, tiny_llama, token_batch
-
-TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def randomize_lora(model, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-
-
-def quantized_with_two_adapters():
-    model = eetq_lora.get_peft_model(eetq_lora.quantize_model(tiny_llama()), LoraConfig(r=4, target_modules=TARGETS))
-    eetq_lora.add_adapter(model, "other", LoraConfig(r=2, lora_alpha=8, target_modules=TARGETS))
-    randomize_lora(model, seed=1)
-    return model.eval()
+from tests.lora.helpers import TARGETS, quantized_with_two_adapters, randomize_lora
 
 
 def dequantized_float_twin(quantized: PeftModel) -> PeftModel:

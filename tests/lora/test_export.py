@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import eetq_lora
 from eetq_lora import EetqLinear, export_merged
 from tests.helpers import tiny_llama, token_batch
-from tests.lora.test_beyond_peft import quantized_with_two_adapters
+from tests.lora.helpers import quantized_with_two_adapters
 
 
 @pytest.fixture(scope="module")

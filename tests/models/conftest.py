@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import make_model_dir
+from tests.helpers import make_model_dir
 
 
 def hide_package(monkeypatch, package: str) -> None:

@@ -22,7 +22,7 @@ from eetq_lora.models import load as load_module
 from eetq_lora.models.load import available_devices, cpu_has_fast_bfloat16, float32_bytes
 from eetq_lora.quant.convert import quantize_checkpoint
 from eetq_lora.quant.model import tensor_bytes
-from tests.cli.conftest import make_tokenizer
+from tests.helpers import make_tokenizer
 
 # --- which model -------------------------------------------------------------------------------
 

@@ -9,34 +9,13 @@ from peft import LoraConfig
 import eetq_lora
 from eetq_lora import EetqLinear
 from eetq_lora.parallel import ShardingError, local_int8_bytes, shard_model
-from tests.helpers import VOCAB, tiny_llama
+from tests.helpers import tiny_llama
+from tests.parallel.helpers import ALL_PROJECTIONS, churn_allocator, lora_model, loss_of, rank_batch
 from tests.parallel.ranks import run_ranks
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # 1-3 tokens take the decode plan path, 4-8 the streaming kernels, 40 the tiled GEMM path.
 TOKENS_PER_RANK = (1, 2, 3, 4, 8, 40)
 WORLD = 2
-
-
-def lora_model(dtype=torch.float32, **sizes):
-    model = eetq_lora.quantize_model(tiny_llama(seed=0, hidden_size=128, intermediate_size=256, **sizes))
-    # init_lora_weights=False: B is random too, so both A and B get non-zero gradients.
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS, init_lora_weights=False)
-    peft_model = eetq_lora.get_peft_model(model.to(dtype), config)
-    peft_model.train()
-    return peft_model
-
-
-def rank_batch(rank: int, tokens: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1000 * tokens + rank)
-    return torch.randint(0, VOCAB, (2, tokens), generator=generator)
-
-
-def loss_of(model, batch: torch.Tensor) -> torch.Tensor:
-    # Row 0 is the input, row 1 the target of every position: with a single token per rank
-    # (M=1, the decode-plan path) there is still a loss, unlike a shifted causal LM loss.
-    logits = model(input_ids=batch[:1]).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), batch[1])
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
@@ -47,14 +26,6 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
             grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
             grads[name] = grad.detach().float().clone()
     return grads
-
-
-def churn_allocator() -> None:
-    # Reuse freed memory between forward and backward, as a real step's other allocations would:
-    # a kernel reading a freed weight then reads these bytes instead.
-    junk = [torch.full((128, 256 + 64 * i), 99, dtype=torch.int8) for i in range(16)]
-    junk += [torch.full((256, 128), 77, dtype=torch.int8) for _ in range(16)]
-    del junk
 
 
 def sharded_grads(rank, world, reshard_after_forward):

@@ -28,8 +28,8 @@ from eetq_lora.parallel.zero3 import (  # noqa: E402
     save_adapter,
 )
 from tests.helpers import tiny_llama  # noqa: E402
+from tests.parallel.helpers import churn_allocator, lora_model, loss_of, rank_batch  # noqa: E402
 from tests.parallel.ranks import run_ranks  # noqa: E402
-from tests.parallel.test_fsdp2 import churn_allocator, lora_model, loss_of, rank_batch  # noqa: E402
 
 WORLD = 2
 # Tokens per rank at each training step: 1-3 take the cached decode-plan kernel, 4-8 the streaming kernels.

@@ -13,16 +13,7 @@ from eetq_lora.errors import UserError
 from eetq_lora.format.layout import pack_weight
 from eetq_lora.quant.convert import CheckpointError, ConversionReport, linear_weight_names, quantize_checkpoint
 from tests.helpers import tiny_llama
-
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def float_folder(path, seed=0, max_shard_size=None, **overrides):
-    """Save a tiny Llama's float checkpoint in ``path``; returns the model."""
-    model = tiny_llama(seed=seed, **overrides)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
-    return model
+from tests.quant.helpers import LINEARS, float_folder
 
 
 def linear_weights(*groups: str) -> set[str]:

@@ -1,4 +1,4 @@
-"""EetqLinear's state dict speaks EETQ's checkpoint layouts (REFERENCE.md section 2)."""
+"""EetqLinear's state dict speaks EETQ's checkpoint layouts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 import eetq_lora.quant.linear as linear_module
 from eetq_lora.format.layout import LAYOUTS, pack_weight
 from eetq_lora.quant import EetqLinear, set_checkpoint_layout
-from tests.format.test_layout import sm70_by_steps, sm75_by_gather, stored_bytes
+from tests.format.helpers import sm70_by_steps, sm75_by_gather, stored_bytes
 
 
 def quantized(in_features=128, out_features=192, bias=True, seed=0, **kwargs) -> EetqLinear:
