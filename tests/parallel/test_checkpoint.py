@@ -22,7 +22,6 @@ from eetq_lora.parallel.checkpoint import (
 from eetq_lora.training.distributed import context_from_env
 from eetq_lora.training.evaluate import evaluate
 from eetq_lora.training.loss import answer_token_stats
-from eetq_lora.training.trainer import evaluate_sharded
 from tests.helpers import VOCAB, tiny_llama
 from tests.parallel.ranks import run_ranks
 
@@ -125,7 +124,7 @@ def first_run(rank: int, world: int, folder: str) -> dict:
     finally:
         DTensor.full_tensor = full_tensor
     initial_probe = probe(model)
-    held_out = evaluate_sharded(model, held_out_items(), 2, 0, torch.device("cpu"), context_from_env()).to_dict()
+    held_out = evaluate(model, held_out_items(), 2, 0, torch.device("cpu"), context_from_env(), lockstep=True).to_dict()
     tied = lora_model(tie_word_embeddings=True)
     shard_model(tied)  # the head stays in the root unit with the embeddings
     tied_step = tied_head_step(tied)

@@ -39,21 +39,33 @@ def evaluate(
     pad_id: int,
     device: torch.device,
     context: DistContext | None = None,
+    lockstep: bool = False,
 ) -> EvalResult:
-    """Score ``items``; under torchrun each process takes every world_size-th item and the sums are combined."""
+    """Score ``items``; under torchrun each process takes every world_size-th item and the sums are combined.
+
+    ``lockstep`` is for a model sharded over the processes, whose every forward gathers weights
+    from all of them: each process then runs as many forwards as the one with the most batches,
+    the extra ones repeating a batch and counting nothing. The result is the same either way.
+    """
     if not items:
         raise ValueError("evaluate got no examples")
     context = context or DistContext()
     was_training = model.training
     model.eval()
     mine = sorted(items[context.rank :: context.world_size], key=lambda item: len(item.input_ids))
+    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    idle = 0
+    if lockstep:
+        shares = [len(items[rank :: context.world_size]) for rank in range(context.world_size)]
+        idle = max(-(-share // batch_size) for share in shares) - len(batches)
     nll = tokens = correct = 0.0
-    for start in range(0, len(mine), batch_size):
-        batch = {k: v.to(device) for k, v in collate(mine[start : start + batch_size], pad_id).items()}
+    for index, part in enumerate(batches + [list(items[:1])] * idle):
+        batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
         stats = answer_token_stats(model, batch)
-        nll += float(stats.nll)
-        tokens += stats.tokens
-        correct += stats.correct
+        if index < len(batches):
+            nll += float(stats.nll)
+            tokens += stats.tokens
+            correct += stats.correct
     nll, tokens, correct = context.sum([nll, tokens, correct], device)
     model.train(was_training)
     return EvalResult(loss=nll / tokens, accuracy=correct / tokens, tokens=int(tokens), examples=len(items))

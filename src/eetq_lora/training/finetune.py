@@ -59,7 +59,7 @@ from .run_folder import (
 )
 from .runtime import configure_threads, on_main, peak_memory_bytes, versions, warn_if_busy
 from .schedule import BatchSchedule
-from .trainer import NonFinite, TrainData, Trainer, evaluate_sharded
+from .trainer import NonFinite, TrainData, Trainer
 
 CHECKPOINT_EVERY = 50
 
@@ -354,9 +354,10 @@ class FinetuneRecipe:
 
     def _score(self) -> EvalResult:
         """Score the held-out set; every process takes part (the sums and, sharded, the weights are gathered)."""
-        score = evaluate_sharded if self.config.fsdp else evaluate
         items, batch_size, job = self.eval_set.items, self.config.batch_size, self.job
-        return score(self.peft_model, items, batch_size, self.data.pad_id, job.device, job.context)
+        return evaluate(
+            self.peft_model, items, batch_size, self.data.pad_id, job.device, job.context, lockstep=self.config.fsdp
+        )
 
     # --- training --------------------------------------------------------------------------------
 

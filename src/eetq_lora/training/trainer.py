@@ -1,4 +1,4 @@
-"""One optimizer step at a time, in one process or many, and held-out scoring of a sharded model."""
+"""One optimizer step at a time, in one process or many."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from ..data.encode import Encoded, collate, supervised_tokens
 from .config import FinetuneConfig
 from .distributed import DistContext
-from .evaluate import EvalResult
 from .loss import answer_token_stats
 from .lr import learning_rate
 from .schedule import BatchSchedule, micro_batches
@@ -125,32 +124,3 @@ class Trainer:
             nll_sum += float(stats.nll.detach())
             tokens += int(batch["attention_mask"].sum())
         return nll_sum, tokens
-
-
-def evaluate_sharded(
-    model: torch.nn.Module, items: list[Encoded], batch_size: int, pad_id: int, device, context: DistContext
-) -> EvalResult:
-    """``evaluate`` for a model sharded over the processes, with the same batches and the same result.
-
-    Every forward gathers weights from all processes, so each process runs as many forwards as
-    the one with the most batches; the extra ones repeat a batch and count nothing.
-    """
-    shares = [items[rank :: context.world_size] for rank in range(context.world_size)]
-    batch_counts = [-(-len(share) // batch_size) for share in shares]
-    mine = sorted(shares[context.rank], key=lambda item: len(item.input_ids))
-    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
-    idle = max(batch_counts) - len(batches)
-    was_training = model.training
-    model.eval()
-    nll = tokens = correct = 0.0
-    with torch.no_grad():
-        for index, part in enumerate(batches + [items[:1]] * idle):
-            batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
-            stats = answer_token_stats(model, batch)
-            if index < len(batches):
-                nll += float(stats.nll)
-                tokens += stats.tokens
-                correct += stats.correct
-    model.train(was_training)
-    nll, tokens, correct = context.sum([nll, tokens, correct], device)
-    return EvalResult(loss=nll / tokens, accuracy=correct / tokens, tokens=int(tokens), examples=len(items))
