@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import FolderLock, write_json_atomic
+from ..atomic import FolderLock, format_size, write_json_atomic
 from ..data.encode import EncodedSet, PromptFormat, encode_examples
 from ..data.sources import load_dataset, load_eval_dataset
 from ..data.split import Split, training_split
@@ -122,10 +122,6 @@ class _Job:
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _mib(size: float) -> str:
-    return f"{size / 2**20:.1f} MiB"
 
 
 def _encode(fmt: PromptFormat, examples, config: FinetuneConfig, what: str, source: str) -> EncodedSet:
@@ -309,8 +305,9 @@ class FinetuneRecipe:
         mine[context.rank] = local_int8_bytes(model)
         shares = [int(size) for size in context.sum(mine, device)]
         self.log(
-            f"Sharded with FSDP2 over {context.world_size} processes: int8 base {_mib(total)} in all, per process "
-            + ", ".join(f"{_mib(size)} (rank {rank})" for rank, size in enumerate(shares))
+            f"Sharded with FSDP2 over {context.world_size} processes: int8 base {format_size(total)} in all, "
+            + "per process "
+            + ", ".join(f"{format_size(size)} (rank {rank})" for rank, size in enumerate(shares))
         )
         return shares
 
