@@ -27,6 +27,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..cache import UnsafeFolderError, cache_dir, check_private_file, fallback_cache_dir, private_dir
 
 # The kernels' C source, shipped as package data next to this module.
@@ -146,17 +147,10 @@ def _build(compiler: str) -> tuple[Path, str]:
     if os.path.lexists(target):
         check_private_file(target)
         return target, ""
-    # The compiler reads a private copy of exactly the hashed text, written whole before it is renamed
-    # into place so that a concurrent first use never compiles half a file.
+    # The compiler reads a private copy of exactly the hashed text, written atomically so that a
+    # concurrent first use never compiles half a file.
     c_file = directory / f"eetq_cpu_{digest}.c"
-    fd, partial_source = tempfile.mkstemp(suffix=".c", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(source())
-        os.replace(partial_source, c_file)
-    except BaseException:
-        os.unlink(partial_source)
-        raise
+    write_text_atomic(c_file, source())
     log = []
     for flags in _FLAG_SETS:
         # A private output name, then an atomic rename: concurrent first uses never see half a file.
