@@ -31,6 +31,7 @@ from train_step import smollm2_config
 from transformers import LlamaForCausalLM
 
 import eetq_lora
+from eetq_lora.quant.model import tensor_bytes
 
 CONFIGS = ("eetq-fp32", "eetq-bf16", "eetq-fp16", "peft-fp32", "peft-bf16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,17 +46,6 @@ def build(name: str, layers: int) -> torch.nn.Module:
     if name.startswith("eetq"):
         return eetq_lora.get_peft_model(eetq_lora.quantize_model(model), lora).eval()
     return peft_get_peft_model(model, lora).eval()
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer storage: what one decoding step reads at least."""
-    seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        key = tensor.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-    return total
 
 
 def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
@@ -130,7 +120,7 @@ def main() -> None:
     print("|" + "---|" * (6 + len(peers)))
     for name in names:
         rate = 1 / per_token[name]
-        size = weight_bytes(models[name])
+        size = tensor_bytes(models[name])  # every weight byte, the tied embedding once
         bound = bandwidth * 1e9 / size
         ratios = " | ".join(f"{per_token[name] / per_token[p]:.2f}x" for p in peers)
         print(
