@@ -42,7 +42,9 @@ _FLAG_SETS = (
     ("-O3", "-march=native"),
     ("-O3",),
 )
-_COMMON_FLAGS = ("-shared", "-fPIC", "-std=gnu11")
+# -ffp-contract=off: the C spells out every fused multiply-add it wants (fmadd); any other a * b + c
+# keeps its two roundings, as PyTorch's float ops do (the LoRA epilogue's base + t * scaling).
+_COMMON_FLAGS = ("-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off")
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
