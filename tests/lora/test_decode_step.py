@@ -105,3 +105,20 @@ def test_the_kernel_declines_anything_that_needs_a_gradient():
         assert step(plan, torch.randn(4, 64), lora_a, lora_b, 2.0) is None  # M >= 4
         assert step(plan, x, lora_a.bfloat16(), lora_b, 2.0) is None
         assert step(plan, x, lora_a[:, :32].contiguous(), lora_b, 2.0) is None  # an adapter of another layer's shape
+
+
+def test_steps_aside_for_adapters_it_cannot_fuse(monkeypatch):
+    calls = []
+    monkeypatch.setattr(linear_module, "fused_adapter_forward", lambda *a: calls.append(1))  # returns None
+    model, layer = lora_layer()
+    model.eval()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        layer._active_adapter = ["default", "default"]  # two active adapters
+        layer(x)
+        layer._active_adapter = "other"  # an adapter that has no weights in this layer
+        assert torch.equal(layer(x), layer.base_layer(x))
+        layer._active_adapter = "default"
+        layer.cast_input_dtype_enabled = False  # PEFT's switch for the adapter's input cast
+        layer(x)
+    assert calls == []

@@ -179,24 +179,32 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
         # Token-by-token generation: the base layer runs its matmul and the one active adapter in one
         # fused call where it has one (EetqLinear.forward_with_adapter), None otherwise. Eval mode only:
         # its adapter sums may differ from torch's GEMM in the last bit, and a training forward (a
-        # checkpointed one, say) must match its recomputation exactly. Every step here is a plain
-        # attribute or dict lookup: with cold caches each Python step costs microseconds.
-        if self.training or self.disable_adapters:
+        # checkpointed one, say) must match its recomputation exactly.
+        # Submodules and parameters are read from their dicts: through nn.Module.__getattr__ each is
+        # a Python call, and between layers whose weights stream through the caches each Python step
+        # costs microseconds (half the per-layer Python time went there).
+        if self.training or self._disable_adapters:
             return None
-        active = self.active_adapter
+        active = self._active_adapter
         if type(active) is not str:
             if len(active) != 1:
                 return None
             active = active[0]
-        lora_A = self.lora_A._modules.get(active)
-        lora_B = self.lora_B._modules.get(active)
-        base = self.base_layer
-        if lora_A is None or lora_B is None or type(base) is not EetqLinear:
+        modules = self._modules
+        lora_A = modules["lora_A"]._modules.get(active)
+        lora_B = modules["lora_B"]._modules.get(active)
+        base = modules["base_layer"]
+        if type(lora_A) is not torch.nn.Linear or type(lora_B) is not torch.nn.Linear or type(base) is not EetqLinear:
+            return None  # no such adapter, a LoRA variant's modules, or another base layer
+        dropout = modules["lora_dropout"]._modules[active]
+        if (dropout.training and type(dropout) is not torch.nn.Identity) or not getattr(
+            self, "cast_input_dtype_enabled", True
+        ):
             return None
-        dropout = self.lora_dropout[active]
-        if (dropout.training and type(dropout) is not torch.nn.Identity) or not self._plain_adapter(lora_A, lora_B):
+        weights_A, weights_B = lora_A._parameters, lora_B._parameters
+        if weights_A["bias"] is not None or weights_B["bias"] is not None:
             return None
-        return base.forward_with_adapter(x, lora_A.weight, lora_B.weight, self.scaling[active])
+        return base.forward_with_adapter(x, weights_A["weight"], weights_B["weight"], self.scaling[active])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not args and not kwargs:

@@ -115,9 +115,11 @@ class EetqLinear(nn.Module):
         """``self(x) + (x @ lora_a.T @ lora_b.T) * scaling`` with PEFT's roundings, in one fused call, where
         one covers the case (CPU decoding: few rows, no bias, nothing needing a gradient, float32 adapter
         weights A [rank, in] and B [out, rank]); None otherwise, and the caller runs base and adapter itself."""
-        if self.bias is not None or not x.is_cpu or _autocast_active() or torch.compiler.is_compiling():
+        # The tensors from their dicts: nn.Module.__getattr__ is a Python call each (see EetqLoraLinear._decode_step).
+        parameters = self._parameters
+        if parameters["bias"] is not None or not x.is_cpu or _autocast_active() or torch.compiler.is_compiling():
             return None
-        plan = stream.layer_plan(self, self.weight, self.weight_scales)
+        plan = stream.layer_plan(self, parameters["weight"], self._buffers["weight_scales"])
         if plan is None:
             return None
         return fused_adapter_forward(plan, x, lora_a, lora_b, scaling)
