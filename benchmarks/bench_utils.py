@@ -2,13 +2,17 @@
 
 Import this before torch in a benchmark script: it sets OMP_WAIT_POLICY=PASSIVE, which removes
 the ~8 ms stalls that spinning OpenMP threads cause on a shared CPU without slowing big GEMMs.
+A script that measures OpenMP's own default sets KEEP_OPENMP_DEFAULT=1 in its environment instead
+(libgomp warns about any value of OMP_WAIT_POLICY but ACTIVE and PASSIVE).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+KEEP_OPENMP_DEFAULT = "EETQ_LORA_BENCH_KEEP_OPENMP_DEFAULT"
+if os.environ.get(KEEP_OPENMP_DEFAULT) != "1":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import ctypes  # noqa: E402
 import functools  # noqa: E402

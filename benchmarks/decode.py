@@ -1,6 +1,7 @@
 """Greedy decoding speed of a SmolLM2-135M-shaped model with an all-linear LoRA adapter, against PEFT and the bound.
 
 Run: python benchmarks/decode.py [--layers N] [--new-tokens N] [--repeats N] [--configs a,b,...]
+                                 [--omp-wait-policy both|default|passive]
 
 Times ``generate`` (greedy, KV cache, batch 1) in one process, alternating the configurations
 round by round: eetq-lora's int8 model with a LoRA adapter (r=16, all-linear) with float32,
@@ -8,17 +9,25 @@ bfloat16 and float16 activations, and PEFT LoRA on the float model in float32 an
 Prints tokens/s, each configuration's time per token against PEFT's, and the bandwidth bound:
 every weight byte is read once per token (the tied embedding as the head), so the read bandwidth
 measured in the same run over the model's bytes bounds tokens/s. A second table splits each
-configuration's time per token into the int8 layers (EetqLinear calls, kernels included), the
-head, and everything else (attention, norms, the framework's Python), timed with hooks that add
-about a microsecond per call. Weights are random (no download); the decoding cost does not
-depend on them. OMP_WAIT_POLICY=PASSIVE is set before torch loads, as in the other benchmarks,
-unless the variable is already set.
+configuration's time per token into the LoRA layers (base matmul and adapter; for eetq-lora also
+the part spent in its one-call kernels, the ctypes call included), the head, and everything else
+(attention, norms, the framework's Python), timed with wrappers that add about a microsecond per
+call. Weights are random (no download); the decoding cost does not depend on them.
+
+OpenMP's wait policy moves decoding speed as much as most code changes do: under PASSIVE every
+torch operator that runs on several threads (attention, the head) first wakes the sleeping
+workers, while under libgomp's default they spin a while between operators. The whole measurement
+runs once per policy (``both``, the default), each in a fresh process, since OpenMP reads
+OMP_WAIT_POLICY once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,14 +36,18 @@ import bench_utils  # noqa: I001 - sets OMP_WAIT_POLICY before torch loads
 import torch
 from peft import LoraConfig
 from peft import get_peft_model as peft_get_peft_model
+from peft.tuners.lora import LoraLayer
 from train_step import smollm2_config
 from transformers import LlamaForCausalLM
 
 import eetq_lora
+from eetq_lora.kernels import stream
 from eetq_lora.quant.model import tensor_bytes
 
 CONFIGS = ("eetq-fp32", "eetq-bf16", "eetq-fp16", "peft-fp32", "peft-bf16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+POLICIES = ("default", "passive")
+CHILD_FLAG = "--measure-in-this-process"
 
 
 def build(name: str, layers: int) -> torch.nn.Module:
@@ -58,9 +71,9 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> f
 
 @contextmanager
 def timed_parts(model: torch.nn.Module) -> Iterator[dict[str, float]]:
-    """Seconds spent in the int8 layers and in the head while the block runs (hooks on the modules)."""
-    spent = {"int8 layers": 0.0, "head": 0.0}
-    originals = []
+    """Seconds spent in the LoRA layers, in eetq-lora's one-call kernels and in the head while the block runs."""
+    spent = {"lora layers": 0.0, "kernels": 0.0, "head": 0.0}
+    restore = []
 
     def wrap(owner, attribute: str, part: str) -> None:
         function = getattr(owner, attribute)
@@ -72,32 +85,25 @@ def timed_parts(model: torch.nn.Module) -> Iterator[dict[str, float]]:
             finally:
                 spent[part] += time.perf_counter() - begin
 
-        originals.append((owner, attribute, owner.__dict__.get(attribute)))
+        restore.append((owner, attribute, owner.__dict__.get(attribute)))
         setattr(owner, attribute, timed)
 
     for module in model.modules():
-        if isinstance(module, eetq_lora.EetqLinear):
-            wrap(module, "forward", "int8 layers")
-            wrap(module, "forward_with_adapter", "int8 layers")
-    head = model.get_output_embeddings()
-    wrap(head, "forward", "head")
+        if isinstance(module, LoraLayer):
+            wrap(module, "forward", "lora layers")
+    wrap(model.get_output_embeddings(), "forward", "head")
+    wrap(stream, "launch_stream", "kernels")  # the one Python call into the compiled decode kernel
     try:
         yield spent
     finally:
-        for owner, attribute, previous in originals:
+        for owner, attribute, previous in reversed(restore):
             if previous is None:
                 delattr(owner, attribute)
             else:
                 setattr(owner, attribute, previous)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=30, help="decoder layers of the 135M shape (30 = full)")
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> None:
     names = [name for name in args.configs.split(",") if name]
     prompt = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     models = {name: build(name, args.layers) for name in names}
@@ -112,6 +118,8 @@ def main() -> None:
     # Time per generated token, the prompt's forward pass (measured alone) taken out.
     per_token = {name: (statistics.median(seconds[name]) - prefill[name]) / (args.new_tokens - 1) for name in names}
 
+    policy = os.environ.get("OMP_WAIT_POLICY") or "libgomp's default (unset)"
+    print(f"\n## OMP_WAIT_POLICY: {policy}\n")
     print(f"greedy decoding, {args.layers} layers, batch 1, {args.new_tokens} new tokens, LoRA r=16 all-linear")
     print(f"machine: {bench_utils.machine_summary()}; read bandwidth {bandwidth:.1f} GB/s")
     peers = [name for name in ("peft-bf16", "peft-fp32") if name in names]
@@ -129,17 +137,49 @@ def main() -> None:
         )
 
     print("\nWhere a token's time goes (ms/token; one more timed generate per configuration):")
-    print("| config | int8 layers | head | everything else |")
-    print("|---|---|---|---|")
+    print("| config | LoRA layers | of which one-call kernels | head | everything else |")
+    print("|---|---|---|---|---|")
     for name, model in models.items():
         with timed_parts(model) as spent:
             total = generate(model, prompt, args.new_tokens)
         tokens = args.new_tokens
-        rest = total - sum(spent.values())
+        rest = total - spent["lora layers"] - spent["head"]
+        kernels = f"{spent['kernels'] / tokens * 1e3:.2f}" if name.startswith("eetq") else "-"
         print(
-            f"| {name} | {spent['int8 layers'] / tokens * 1e3:.2f} | {spent['head'] / tokens * 1e3:.2f} | "
+            f"| {name} | {spent['lora layers'] / tokens * 1e3:.2f} | {kernels} | {spent['head'] / tokens * 1e3:.2f} | "
             f"{rest / tokens * 1e3:.2f} |"
         )
+
+
+def run_per_policy(policies: list[str]) -> None:
+    """Run this script once per OpenMP wait policy, each in a fresh process with that environment."""
+    for policy in policies:
+        environment = dict(os.environ)
+        if policy == "passive":
+            environment["OMP_WAIT_POLICY"] = "PASSIVE"
+            environment.pop(bench_utils.KEEP_OPENMP_DEFAULT, None)
+        else:
+            environment.pop("OMP_WAIT_POLICY", None)
+            environment[bench_utils.KEEP_OPENMP_DEFAULT] = "1"
+        sys.stdout.flush()
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], CHILD_FLAG], env=environment, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=30, help="decoder layers of the 135M shape (30 = full)")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
+    parser.add_argument(
+        "--omp-wait-policy", choices=("both", *POLICIES), default="both", help="OpenMP wait policies to measure under"
+    )
+    parser.add_argument(CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_in_this_process:
+        measure(args)
+    else:
+        run_per_policy(list(POLICIES) if args.omp_wait_policy == "both" else [args.omp_wait_policy])
 
 
 if __name__ == "__main__":
