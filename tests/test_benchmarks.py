@@ -30,3 +30,28 @@ def test_gpu_benchmark_dry_runs_pass_their_checks(script, arguments, verdict):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert verdict in result.stdout
+
+
+def test_decode_benchmark_prints_both_tables_under_each_wait_policy():
+    # README: decode.py reports tokens/s against PEFT and the bandwidth bound, and where a token's time goes.
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "decode.py"),
+            *("--layers", "1", "--new-tokens", "3", "--repeats", "1", "--configs", "eetq-fp32,peft-fp32"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=BENCHMARKS.parent,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "## OMP_WAIT_POLICY: libgomp's default (unset)" in out and "## OMP_WAIT_POLICY: PASSIVE" in out
+    for policy_section in out.split("## OMP_WAIT_POLICY:")[1:]:
+        rows = [line for line in policy_section.splitlines() if line.startswith("| eetq-fp32 |")]
+        assert len(rows) == 2, policy_section  # the speed table and the time split
+        speed, split = ([float(cell.strip().rstrip("x%")) for cell in row.strip("|").split("|")[1:]] for row in rows)
+        assert speed[0] > 0 and speed[1] > 0  # tokens/s, ms/token
+        lora, kernels, head, rest = split
+        assert 0 < kernels <= lora and head > 0
