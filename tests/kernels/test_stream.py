@@ -171,6 +171,45 @@ def test_adapter_in_the_decode_call_matches_peft_roundings(rank, rows, dtype):
         assert (out == expected).float().mean() > 0.9
 
 
+def test_adapter_operands_follow_the_adapter_and_its_scaling():
+    # The fused call's adapter addresses are kept between calls; every change must still show.
+    module = layer()
+    plan = module.stream_plan()
+    generator = torch.Generator().manual_seed(1)
+    lora_a, lora_b = torch.randn(4, 96, generator=generator), torch.randn(80, 4, generator=generator)
+    x = torch.randn(1, 96, generator=generator)
+
+    def expected(a, b, scaling):
+        return general_forward(module, x) + (x.double() @ a.double().t() @ b.double().t()).float() * scaling
+
+    with torch.no_grad():
+        first = dispatch.fused_adapter_forward(plan, x, lora_a, lora_b, 2.0)
+        operands = plan.adapter_operands
+        torch.testing.assert_close(first, expected(lora_a, lora_b, 2.0), rtol=1e-5, atol=1e-5)
+        assert torch.equal(dispatch.fused_adapter_forward(plan, x, lora_a, lora_b, 2.0), first)
+        assert plan.adapter_operands is operands  # reused while nothing changed
+        lora_b.mul_(-1)  # an optimizer step: same memory, new values
+        torch.testing.assert_close(
+            dispatch.fused_adapter_forward(plan, x, lora_a, lora_b, 2.0),
+            expected(lora_a, lora_b, 2.0),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        torch.testing.assert_close(
+            dispatch.fused_adapter_forward(plan, x, lora_a, lora_b, 0.5),
+            expected(lora_a, lora_b, 0.5),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        other_a, other_b = torch.randn(4, 96, generator=generator), torch.randn(80, 4, generator=generator)
+        torch.testing.assert_close(
+            dispatch.fused_adapter_forward(plan, x, other_a, other_b, 0.5),
+            expected(other_a, other_b, 0.5),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
 def test_a_layer_with_a_plan_copies_and_pickles_and_the_copy_builds_its_own():
     module = layer()
     x = torch.randn(1, 96)

@@ -49,7 +49,6 @@ _COMMON_FLAGS = ("-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off")
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
-_FLOAT = ctypes.c_float
 _SIGNATURES = {
     "eetq_abi_version": ([], _INT),
     "eetq_has_openmp": ([], _INT),
@@ -57,12 +56,8 @@ _SIGNATURES = {
     "eetq_rowaxpy": ([_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT], _INT),
     "eetq_dequant": ([_P, _I64, _I64, _I64, _P, _P, _P, _I64, _INT, _INT], None),
     "eetq_has_bf16_dot": ([], _INT),
-    "eetq_stream": (
-        # kernel, a, a_format, M, lda, q, R, C, ldq, scales, scale_on_rows, out, out_format, ldo,
-        # lora_a, rank, lora_b, scaling, nthreads
-        [_INT, _P, _INT, _I64, _I64, _P, _I64, _I64, _I64, _P, _INT, _P, _INT, _I64, _P, _I64, _P, _FLOAT, _INT],
-        _INT,
-    ),
+    # operands (native.StreamOperands), a, a_format, M, out, out_format, nthreads
+    "eetq_stream_call": ([_P, _P, _INT, _I64, _P, _INT, _INT], _INT),
 }
 # Present only in builds for CPUs with AVX512-BF16.
 _BF16_SIGNATURES = {

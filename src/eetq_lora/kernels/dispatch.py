@@ -256,7 +256,7 @@ def fused_adapter_forward(
     if tuple(lora_a.shape) != (rank, plan.in_features) or tuple(lora_b.shape) != (plan.out_features, rank):
         return None
     rows = _one_call_rows(x, plan.in_features)
-    return stream.forward(plan, x, rows, (lora_a, lora_b, scaling)) if rows else None
+    return stream.forward(plan, x, rows, stream.adapter_operands(plan, lora_a, lora_b, scaling)) if rows else None
 
 
 class _Int8LinearFunction(torch.autograd.Function):

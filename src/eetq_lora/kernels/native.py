@@ -6,6 +6,7 @@ and allocates its own output.
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -179,57 +180,81 @@ def dequantize_into(
 STREAM_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+class StreamOperands(ctypes.Structure):
+    """``eetq_stream_operands`` in the C source: the operands of a streaming call that stay the same
+    across a layer's calls, as plain addresses and sizes (``lora_a`` is None without an adapter)."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("lora_a", ctypes.c_void_p),
+        ("lora_b", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("columns", ctypes.c_int64),
+        ("ldq", ctypes.c_int64),
+        ("lda", ctypes.c_int64),
+        ("ldo", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("kernel", ctypes.c_int32),
+        ("scale_on_rows", ctypes.c_int32),
+        ("scaling", ctypes.c_float),
+    ]
+
+
 class StreamWeight:
-    """The weight side of an ``eetq_stream`` call: int8 ``q`` [rows, columns] with row pitch ``ldq`` and
+    """The weight side of a streaming call: int8 ``q`` [rows, columns] with row pitch ``ldq`` and
     its float16 scales, one per row (``scale_on_rows``) or per column; plain addresses, valid only while
     the tensors they were read from live unchanged (``kernels.stream.StreamPlan`` checks that)."""
 
-    __slots__ = ("kernel", "q_ptr", "rows", "columns", "ldq", "scales_ptr", "scale_on_rows")
+    __slots__ = ("function", "q_ptr", "rows", "columns", "ldq", "scales_ptr", "scale_on_rows")
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, scale_on_rows: bool) -> None:
-        self.kernel = library().eetq_stream
+        self.function = library().eetq_stream_call
         self.q_ptr, self.scales_ptr = q.data_ptr(), scales.data_ptr()
         self.rows, self.columns = q.shape
         self.ldq = q.stride(0)
         self.scale_on_rows = int(scale_on_rows)
 
+    def operands(
+        self, rowaxpy: bool, lda: int, ldo: int, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    ) -> StreamOperands:
+        """The fixed operands of ``out = a @ dequant(q)`` (``rowaxpy``) or ``a @ dequant(q)^T`` for
+        activations of row pitch ``lda`` and results of pitch ``ldo``; ``lora=(A [rank, K], B [N, rank],
+        scaling)``, float32 and contiguous, adds an adapter as PEFT's layer does."""
+        lora_a, lora_b, scaling = lora if lora is not None else (None, None, 0.0)
+        return StreamOperands(
+            self.q_ptr,
+            self.scales_ptr,
+            _ptr(lora_a),
+            _ptr(lora_b),
+            self.rows,
+            self.columns,
+            self.ldq,
+            lda,
+            ldo,
+            0 if lora_a is None else lora_a.shape[0],
+            int(rowaxpy),
+            self.scale_on_rows,
+            scaling,
+        )
+
 
 def launch_stream(
-    weight: StreamWeight,
-    rowaxpy: bool,
-    a: torch.Tensor,
-    rows: int,
-    lda: int,
-    out: torch.Tensor,
-    ldo: int,
-    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    weight: StreamWeight, operands: StreamOperands, a: torch.Tensor, rows: int, out: torch.Tensor
 ) -> None:
-    """The one place that calls ``eetq_stream``: ``out = a @ dequant(q)`` (``rowaxpy``) or ``a @ dequant(q)^T``.
+    """The one place that calls the streaming kernel (``eetq_stream`` in the C source): ``out`` from ``rows``
+    rows of ``a`` as ``operands`` (built by ``weight.operands``) describe.
 
-    ``a`` holds ``rows`` rows of pitch ``lda`` and ``out`` has pitch ``ldo``; each is float32, bfloat16
-    or float16 (converted exactly, the result rounded once). ``lora=(A [rank, K], B [N, rank], scaling)``
-    adds a float32 adapter as PEFT's layer does. Callers have checked every operand.
+    ``a`` and ``out`` are float32, bfloat16 or float16 (converted exactly, the result rounded once).
+    Callers have checked every operand, and every address in ``operands`` is a live tensor's.
     """
-    lora_a, lora_b, scaling = lora if lora is not None else (None, None, 0.0)
-    status_code = weight.kernel(
-        int(rowaxpy),
+    status_code = weight.function(
+        ctypes.addressof(operands),
         a.data_ptr(),
         STREAM_FORMATS[a.dtype],
         rows,
-        lda,
-        weight.q_ptr,
-        weight.rows,
-        weight.columns,
-        weight.ldq,
-        weight.scales_ptr,
-        weight.scale_on_rows,
         out.data_ptr(),
         STREAM_FORMATS[out.dtype],
-        ldo,
-        None if lora_a is None else lora_a.data_ptr(),
-        0 if lora_a is None else lora_a.shape[0],
-        None if lora_b is None else lora_b.data_ptr(),
-        float(scaling),
         threads_for(rows * weight.rows * weight.columns),
     )
     if status_code != 0:
@@ -255,7 +280,8 @@ def stream(
     )
     m = a.shape[0]
     out = torch.empty(m, q.shape[1] if rowaxpy else q.shape[0], dtype=a.dtype)
-    launch_stream(StreamWeight(q, scales, scale_on_rows), rowaxpy, a, m, a.stride(0), out, out.stride(0))
+    weight = StreamWeight(q, scales, scale_on_rows)
+    launch_stream(weight, weight.operands(rowaxpy, a.stride(0), out.stride(0)), a, m, out)
     return out
 
 

@@ -20,7 +20,7 @@ import weakref
 import torch
 
 from . import cpu_library
-from .native import StreamWeight, launch_stream
+from .native import StreamOperands, StreamWeight, launch_stream
 
 _PLAN_ATTRIBUTE = "_eetq_stream_plan"
 
@@ -43,17 +43,35 @@ def _streams(qweight: torch.Tensor, scales: torch.Tensor) -> bool:
 
 
 class StreamPlan(StreamWeight):
-    """One layer's weight side of ``eetq_stream``; ``usable`` is False where its weight cannot stream."""
+    """One layer's weight side of ``eetq_stream``; ``usable`` is False where its weight cannot stream.
 
-    __slots__ = ("weight", "scales", "in_features", "out_features", "usable")
+    It holds the operands of the layer's forward and input-gradient calls, and of its forward with
+    the adapter it last ran (``adapter_operands``).
+    """
+
+    __slots__ = (
+        "weight",
+        "scales",
+        "in_features",
+        "out_features",
+        "usable",
+        "forward_operands",
+        "grad_operands",
+        "adapter_key",
+        "adapter_operands",
+    )
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         # Held weakly: a stale plan must not keep a replaced weight alive.
         self.weight, self.scales = weakref.ref(qweight), weakref.ref(scales)
         self.in_features, self.out_features = qweight.shape if qweight.dim() == 2 else (0, 0)
         self.usable = _streams(qweight, scales)
+        self.adapter_key = self.adapter_operands = None
         if self.usable:
             super().__init__(qweight, scales, scale_on_rows=False)
+            # Activations and results are contiguous rows here (dispatch checks that).
+            self.forward_operands = self.operands(True, self.in_features, self.out_features)
+            self.grad_operands = self.operands(False, self.out_features, self.in_features)
 
     def matches(self, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
         """Whether this plan still describes these tensors' memory: same objects, storage, shape and strides.
@@ -103,24 +121,33 @@ def forget_plan(layer: torch.nn.Module) -> None:
     layer.__dict__.pop(_PLAN_ATTRIBUTE, None)
 
 
-def forward(
-    plan: StreamPlan, x: torch.Tensor, rows: int, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
-) -> torch.Tensor:
-    """``x @ Wt`` (plus ``lora=(A, B, scaling)``'s output with PEFT's roundings) in ``x``'s dtype and shape.
+def adapter_operands(plan: StreamPlan, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> StreamOperands:
+    """``plan``'s forward operands plus this adapter (float32, contiguous, its shapes checked by the
+    caller); built again only when the adapter's addresses, rank or scaling change."""
+    key = (lora_a.data_ptr(), lora_b.data_ptr(), lora_a.shape[0], scaling)
+    if plan.adapter_key != key:
+        plan.adapter_operands = plan.operands(True, plan.in_features, plan.out_features, (lora_a, lora_b, scaling))
+        plan.adapter_key = key
+    return plan.adapter_operands
+
+
+def forward(plan: StreamPlan, x: torch.Tensor, rows: int, operands: StreamOperands | None = None) -> torch.Tensor:
+    """``x @ Wt`` in ``x``'s dtype and shape, plus an adapter's output where ``operands`` come from
+    ``adapter_operands``.
 
     ``x`` is a contiguous CPU tensor of ``rows`` rows of ``in_features`` (``dispatch`` checks that).
     """
     shape = list(x.shape)
-    shape[-1] = width = plan.out_features
+    shape[-1] = plan.out_features
     out = torch.empty(shape, dtype=x.dtype)
-    launch_stream(plan, True, x, rows, plan.in_features, out, width, lora)
+    launch_stream(plan, plan.forward_operands if operands is None else operands, x, rows, out)
     return out
 
 
 def grad_input(plan: StreamPlan, grad: torch.Tensor, rows: int) -> torch.Tensor:
     """``grad @ W`` in ``grad``'s dtype and shape (``rows`` contiguous rows of ``out_features``)."""
     shape = list(grad.shape)
-    shape[-1] = width = plan.in_features
+    shape[-1] = plan.in_features
     out = torch.empty(shape, dtype=grad.dtype)
-    launch_stream(plan, False, grad, rows, plan.out_features, out, width)
+    launch_stream(plan, plan.grad_operands, grad, rows, out)
     return out

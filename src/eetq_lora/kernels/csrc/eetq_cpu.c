@@ -5,7 +5,7 @@
 
 /* Version of the exported functions' signatures: change it with any of them (cpu_library.py reads
    it from this line and refuses a library that reports another). */
-#define EETQ_ABI_VERSION 6
+#define EETQ_ABI_VERSION 7
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -632,7 +632,7 @@ INLINE vf lora_columns(const float* hidden, const float* lora_b, int64_t rank) {
    With lora_a [rank, K] and lora_b [N, rank] (float32), it also adds a LoRA adapter the way PEFT's
    layer does in the result dtype: out = r(r(base) + r(r(a @ A^T @ B^T) * scaling)), r rounding to
    the result dtype (the identity for float32). Returns 0, -1 if out of memory. */
-int eetq_stream(int kernel, const void* a, int a_format, int64_t M, int64_t lda, const int8_t* q, int64_t R,
+static int eetq_stream(int kernel, const void* a, int a_format, int64_t M, int64_t lda, const int8_t* q, int64_t R,
                 int64_t C, int64_t ldq, const uint16_t* scale_f16, int scale_on_rows, void* out, int out_format,
                 int64_t ldo, const float* lora_a, int64_t rank, const float* lora_b, float scaling, int nthreads) {
     int64_t K = kernel ? R : C, N = kernel ? C : R, S = scale_on_rows ? R : C;
@@ -711,6 +711,26 @@ done:
     free(scale);
     if (narrow_out) free(out32);
     return status;
+}
+
+/* The operands of an eetq_stream call that stay the same across a layer's calls: everything but the
+   activation, the result and the thread count. The Python caller fills one per layer (and one per
+   adapter) and passes its address, so each call converts 7 arguments instead of 19. lora_a is NULL
+   for no adapter. Mirrored by native.StreamOperands. */
+typedef struct {
+    const int8_t* q;
+    const uint16_t* scales;
+    const float* lora_a;
+    const float* lora_b;
+    int64_t rows, columns, ldq, lda, ldo, rank;
+    int32_t kernel, scale_on_rows;
+    float scaling;
+} eetq_stream_operands;
+
+int eetq_stream_call(const eetq_stream_operands* s, const void* a, int a_format, int64_t M, void* out, int out_format,
+                     int nthreads) {
+    return eetq_stream(s->kernel, a, a_format, M, s->lda, s->q, s->rows, s->columns, s->ldq, s->scales,
+                       s->scale_on_rows, out, out_format, s->ldo, s->lora_a, s->rank, s->lora_b, s->scaling, nthreads);
 }
 
 #ifdef EETQ_BF16_DOT
