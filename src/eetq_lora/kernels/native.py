@@ -184,19 +184,11 @@ class StreamOperands(ctypes.Structure):
     """``eetq_stream_operands`` in the C source: the operands of a streaming call that stay the same
     across a layer's calls, as plain addresses and sizes (``lora_a`` is None without an adapter)."""
 
+    # In the C declaration's order: four pointers, six int64_t, two int32_t, one float.
     _fields_ = [
-        ("q", ctypes.c_void_p),
-        ("scales", ctypes.c_void_p),
-        ("lora_a", ctypes.c_void_p),
-        ("lora_b", ctypes.c_void_p),
-        ("rows", ctypes.c_int64),
-        ("columns", ctypes.c_int64),
-        ("ldq", ctypes.c_int64),
-        ("lda", ctypes.c_int64),
-        ("ldo", ctypes.c_int64),
-        ("rank", ctypes.c_int64),
-        ("kernel", ctypes.c_int32),
-        ("scale_on_rows", ctypes.c_int32),
+        *((name, ctypes.c_void_p) for name in ("q", "scales", "lora_a", "lora_b")),
+        *((name, ctypes.c_int64) for name in ("rows", "columns", "ldq", "lda", "ldo", "rank")),
+        *((name, ctypes.c_int32) for name in ("kernel", "scale_on_rows")),
         ("scaling", ctypes.c_float),
     ]
 
