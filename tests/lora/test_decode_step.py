@@ -122,3 +122,20 @@ def test_steps_aside_for_adapters_it_cannot_fuse(monkeypatch):
         layer.cast_input_dtype_enabled = False  # PEFT's switch for the adapter's input cast
         layer(x)
     assert calls == []
+
+
+def test_a_decode_call_reads_no_attribute_through_module_getattr(monkeypatch):
+    # README: the decode step makes few Python calls; nn.Module.__getattr__ is one per lookup.
+    model, layer = lora_layer(torch.bfloat16, target_modules="all-linear")
+    model.eval()
+    x = torch.randn(1, 1, 64).bfloat16()
+    with torch.no_grad():
+        expected = general_path(layer, x)
+        looked_up = []
+        original = torch.nn.Module.__getattr__
+        monkeypatch.setattr(
+            torch.nn.Module, "__getattr__", lambda module, name: looked_up.append(name) or original(module, name)
+        )
+        out = layer(x)
+    assert looked_up == []
+    torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-3)

@@ -166,12 +166,13 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
 
     def _plain_adapter(self, lora_A: torch.nn.Module, lora_B: torch.nn.Module) -> bool:
         # The one-node side path covers bias-free nn.Linear adapters with PEFT's input cast on;
-        # anything else (lora_bias, disabled casting) takes PEFT's module calls.
+        # anything else (lora_bias, disabled casting, no such adapter) takes PEFT's module calls.
+        # The biases come from _parameters: this also runs on every decoding call (see _decode_step).
         return (
             type(lora_A) is torch.nn.Linear
             and type(lora_B) is torch.nn.Linear
-            and lora_A.bias is None
-            and lora_B.bias is None
+            and lora_A._parameters["bias"] is None
+            and lora_B._parameters["bias"] is None
             and getattr(self, "cast_input_dtype_enabled", True)
         )
 
@@ -194,17 +195,13 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
         lora_A = modules["lora_A"]._modules.get(active)
         lora_B = modules["lora_B"]._modules.get(active)
         base = modules["base_layer"]
-        if type(lora_A) is not torch.nn.Linear or type(lora_B) is not torch.nn.Linear or type(base) is not EetqLinear:
-            return None  # no such adapter, a LoRA variant's modules, or another base layer
+        if type(base) is not EetqLinear or not self._plain_adapter(lora_A, lora_B):
+            return None
         dropout = modules["lora_dropout"]._modules[active]
-        if (dropout.training and type(dropout) is not torch.nn.Identity) or not getattr(
-            self, "cast_input_dtype_enabled", True
-        ):
+        if dropout.training and type(dropout) is not torch.nn.Identity:
             return None
-        weights_A, weights_B = lora_A._parameters, lora_B._parameters
-        if weights_A["bias"] is not None or weights_B["bias"] is not None:
-            return None
-        return base.forward_with_adapter(x, weights_A["weight"], weights_B["weight"], self.scaling[active])
+        weight_A, weight_B = lora_A._parameters["weight"], lora_B._parameters["weight"]
+        return base.forward_with_adapter(x, weight_A, weight_B, self.scaling[active])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not args and not kwargs:
