@@ -56,8 +56,9 @@ def evaluate(
     batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
     idle = 0
     if lockstep:
-        shares = [len(items[rank :: context.world_size]) for rank in range(context.world_size)]
-        idle = max(-(-share // batch_size) for share in shares) - len(batches)
+        # Rank 0's share, every world_size-th item from the first, is the largest.
+        most_items = -(-len(items) // context.world_size)
+        idle = -(-most_items // batch_size) - len(batches)
     nll = tokens = correct = 0.0
     for index, part in enumerate(batches + [list(items[:1])] * idle):
         batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
