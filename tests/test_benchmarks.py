@@ -1,7 +1,7 @@
-"""The GPU benchmark scripts' dry runs: every section on tiny shapes, on the CPU, Triton through its interpreter.
+"""Benchmark scripts on tiny shapes: the GPU scripts' dry runs (on the CPU, Triton through its
+interpreter) must pass their correctness checks, and decode.py must print the tables the README names.
 
-They are run by hand on a borrowed GPU, where a broken script costs the whole session; here each must
-finish with its correctness checks passing.
+The GPU scripts are run by hand on a borrowed GPU, where a broken script costs the whole session.
 """
 
 import subprocess
@@ -13,14 +13,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize(
-    ("script", "arguments", "verdict"),
-    [
-        ("gpu_check.py", ["--dry-run"], "all results correct"),
-        ("gpu_model.py", ["--dry-run", "--quick"], "all checks correct"),
-    ],
-)
-def test_gpu_benchmark_dry_runs_pass_their_checks(script, arguments, verdict):
+def run_script(script: str, *arguments: str) -> str:
+    """The script's standard output; it must exit 0."""
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *arguments],
         capture_output=True,
@@ -29,24 +23,25 @@ def test_gpu_benchmark_dry_runs_pass_their_checks(script, arguments, verdict):
         cwd=BENCHMARKS.parent,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert verdict in result.stdout
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments", "verdict"),
+    [
+        ("gpu_check.py", ["--dry-run"], "all results correct"),
+        ("gpu_model.py", ["--dry-run", "--quick"], "all checks correct"),
+    ],
+)
+def test_gpu_benchmark_dry_runs_pass_their_checks(script, arguments, verdict):
+    assert verdict in run_script(script, *arguments)
 
 
 def test_decode_benchmark_prints_both_tables_under_each_wait_policy():
     # README: decode.py reports tokens/s against PEFT and the bandwidth bound, and where a token's time goes.
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "decode.py"),
-            *("--layers", "1", "--new-tokens", "3", "--repeats", "1", "--configs", "eetq-fp32,peft-fp32"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=BENCHMARKS.parent,
+    out = run_script(
+        "decode.py", "--layers", "1", "--new-tokens", "3", "--repeats", "1", "--configs", "eetq-fp32,peft-fp32"
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
     assert "## OMP_WAIT_POLICY: libgomp's default (unset)" in out and "## OMP_WAIT_POLICY: PASSIVE" in out
     for policy_section in out.split("## OMP_WAIT_POLICY:")[1:]:
         rows = [line for line in policy_section.splitlines() if line.startswith("| eetq-fp32 |")]
