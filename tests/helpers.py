@@ -8,6 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 128
+# A Llama decoder layer's linear layers: attention's four, then the MLP's three.
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # The sizes of every tiny test model, whatever its family.

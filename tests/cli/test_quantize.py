@@ -19,8 +19,8 @@ from eetq_lora.cli.common import usable_cpus
 from eetq_lora.cli.main import build_parser, main
 from eetq_lora.format.layout import pack_weight
 from tests.format.helpers import sm70_by_steps, sm75_by_gather, stored_bytes
-from tests.helpers import tiny_llama, token_batch
-from tests.quant.helpers import LINEARS, float_folder
+from tests.helpers import PROJECTIONS, tiny_llama, token_batch
+from tests.quant.helpers import float_folder
 
 WIDE = dict(hidden_size=128, intermediate_size=256)
 
@@ -65,8 +65,8 @@ def test_quantize_writes_a_loadable_eetq_folder(tmp_path, capsys):
     assert metadata["model.safetensors"]["eetq_layout"] == "sm75"
     source = model.state_dict()
     for layer in range(2):
-        for name in LINEARS:
-            group = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+        for name in PROJECTIONS:
+            group = "self_attn" if name in PROJECTIONS[:4] else "mlp"
             key = f"model.layers.{layer}.{group}.{name}.weight"
             q, scales = quantize_weight(source[key])
             assert torch.equal(tensors[key], pack_weight(q, "sm75" if q.shape[1] % 64 == 0 else "plain")), key

@@ -10,14 +10,12 @@ from transformers import AutoModelForCausalLM
 import eetq_lora.quant.linear as linear_module
 from eetq_lora import EetqLinear, get_peft_model, mark_eetq_quantized, quantize_model
 from eetq_lora.format.layout import pack_weight, resolve_layout
-from tests.helpers import tiny_llama, token_batch
-
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from tests.helpers import PROJECTIONS, tiny_llama, token_batch
 
 
 def peft_model(**overrides):
     model = quantize_model(tiny_llama(**overrides))
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS))
 
 
 def test_adapter_save_packs_each_base_layer_once_and_handles_odd_shapes(tmp_path, monkeypatch):
@@ -59,7 +57,7 @@ def test_quantized_checkpoint_then_lora(tmp_path):
     mark_eetq_quantized(model)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS, init_lora_weights=True)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=True)
     a, b = get_peft_model(model, config), get_peft_model(loaded, config)
     wrapped = sorted(name for name, _ in b.named_modules() if name.endswith(".lora_A"))
     assert len(wrapped) == 14 and wrapped == sorted(name for name, _ in a.named_modules() if name.endswith(".lora_A"))

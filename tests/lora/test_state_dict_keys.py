@@ -6,14 +6,12 @@ from peft.utils import get_base_model_state_dict, set_base_model_state_dict
 
 import eetq_lora
 from eetq_lora import EetqLinear, EetqLoraLinear
-from tests.helpers import tiny_llama, token_batch
-
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from tests.helpers import PROJECTIONS, tiny_llama, token_batch
 
 
 def lora_model(seed=0):
     model = eetq_lora.quantize_model(tiny_llama(seed=seed, hidden_size=128, intermediate_size=256))
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS, init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False)
     return eetq_lora.get_peft_model(model, config).eval()
 
 

@@ -10,9 +10,7 @@ from transformers import AutoModelForCausalLM
 import eetq_lora
 from eetq_lora import EetqLinear, EetqLoraLinear, mark_eetq_quantized
 from eetq_lora.lora import peft_hooks
-from tests.helpers import tiny_llama, token_batch
-
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from tests.helpers import PROJECTIONS, tiny_llama, token_batch
 
 
 def quantized(seed=0):
@@ -35,7 +33,7 @@ def logits(model):
 
 @pytest.mark.parametrize(
     "targets, count",
-    [(["q_proj", "v_proj"], 4), (r".*\.(gate|up)_proj", 4), ("all-linear", 14), (ALL_PROJECTIONS, 14)],
+    [(["q_proj", "v_proj"], 4), (r".*\.(gate|up)_proj", 4), ("all-linear", 14), (PROJECTIONS, 14)],
 )
 def test_stock_get_peft_model_wraps_eetq_layers(targets, count):
     torch.manual_seed(3)

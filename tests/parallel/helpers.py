@@ -6,16 +6,14 @@ import torch
 from peft import LoraConfig
 
 import eetq_lora
-from tests.helpers import VOCAB, tiny_llama
-
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from tests.helpers import PROJECTIONS, VOCAB, tiny_llama
 
 
 def lora_model(dtype=torch.float32, **sizes):
     """A quantized tiny Llama (width 128) with a random LoRA adapter on every projection, in train mode."""
     model = eetq_lora.quantize_model(tiny_llama(seed=0, hidden_size=128, intermediate_size=256, **sizes))
     # init_lora_weights=False: B is random too, so both A and B get non-zero gradients.
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS, init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False)
     peft_model = eetq_lora.get_peft_model(model.to(dtype), config)
     peft_model.train()
     return peft_model

@@ -22,10 +22,9 @@ from eetq_lora.parallel.checkpoint import (
 from eetq_lora.training.distributed import context_from_env
 from eetq_lora.training.evaluate import evaluate
 from eetq_lora.training.loss import answer_token_stats
-from tests.helpers import VOCAB, tiny_llama
+from tests.helpers import PROJECTIONS, VOCAB, tiny_llama
 from tests.parallel.ranks import run_ranks
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_TENSORS = 2 * 7 * 2  # 2 layers x 7 projections x (A, B)
 WORLD = 2
 STEPS = 8
@@ -39,7 +38,7 @@ def base_model(**overrides):
 def lora_model(**overrides):
     torch.manual_seed(0)
     # init_lora_weights=False: B is random too, so every saved tensor is non-trivial.
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=ALL_PROJECTIONS, init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=PROJECTIONS, init_lora_weights=False)
     return eetq_lora.get_peft_model(base_model(**overrides), config)
 
 

@@ -9,8 +9,8 @@ from peft import LoraConfig
 import eetq_lora
 from eetq_lora import EetqLinear
 from eetq_lora.parallel import ShardingError, local_int8_bytes, shard_model
-from tests.helpers import tiny_llama
-from tests.parallel.helpers import ALL_PROJECTIONS, churn_allocator, lora_model, loss_of, rank_batch
+from tests.helpers import PROJECTIONS, tiny_llama
+from tests.parallel.helpers import churn_allocator, lora_model, loss_of, rank_batch
 from tests.parallel.ranks import run_ranks
 
 # 1-3 tokens take the decode plan path, 4-8 the streaming kernels, 40 the tiled GEMM path.
@@ -200,7 +200,7 @@ def sharded_state_dicts(rank, world, folder):
     other = shard_model(
         eetq_lora.get_peft_model(
             eetq_lora.quantize_model(tiny_llama(seed=7, hidden_size=128, intermediate_size=256)),
-            LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJECTIONS, init_lora_weights=False),
+            LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False),
         )
     )
     state = get_model_state_dict(other)

@@ -17,12 +17,11 @@ import eetq_lora
 from eetq_lora.errors import ConfigError, ModelError
 from eetq_lora.parallel import ShardingError, local_int8_bytes
 from eetq_lora.parallel.loading import load_sharded
-from tests.helpers import VOCAB, tiny_llama, token_batch
+from tests.helpers import PROJECTIONS, VOCAB, tiny_llama, token_batch
 from tests.parallel.ranks import run_ranks
 
 WORLD = 2
 SIZES = dict(hidden_size=128, intermediate_size=256)
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SEED = 3
 LEARNING_RATE = 0.5
 

@@ -1,10 +1,8 @@
-"""A tiny Llama's float checkpoint on disk and the names of its linear layers, shared by the quantization tests."""
+"""A tiny Llama's float checkpoint on disk, shared by the quantization tests."""
 
 from __future__ import annotations
 
 from tests.helpers import tiny_llama
-
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def float_folder(path, seed=0, max_shard_size=None, **overrides):

@@ -12,16 +12,16 @@ from eetq_lora import quantize_weight
 from eetq_lora.errors import UserError
 from eetq_lora.format.layout import pack_weight
 from eetq_lora.quant.convert import CheckpointError, ConversionReport, linear_weight_names, quantize_checkpoint
-from tests.helpers import tiny_llama
-from tests.quant.helpers import LINEARS, float_folder
+from tests.helpers import PROJECTIONS, tiny_llama
+from tests.quant.helpers import float_folder
 
 
 def linear_weights(*groups: str) -> set[str]:
     """The weight names of the tiny Llama's linear layers, both decoder layers."""
     return {
-        f"model.layers.{i}.{'self_attn' if n in LINEARS[:4] else 'mlp'}.{n}.weight"
+        f"model.layers.{i}.{'self_attn' if n in PROJECTIONS[:4] else 'mlp'}.{n}.weight"
         for i in range(2)
-        for n in LINEARS
+        for n in PROJECTIONS
         if not groups or n in groups
     }
 
@@ -32,7 +32,7 @@ def test_linear_weights_come_from_the_architecture(tmp_path):
     expected = {
         f"model.layers.{i}.{g}.{n}.weight"
         for i in range(2)
-        for g, n in [("self_attn", n) for n in LINEARS[:4]] + [("mlp", n) for n in LINEARS[4:]]
+        for g, n in [("self_attn", n) for n in PROJECTIONS[:4]] + [("mlp", n) for n in PROJECTIONS[4:]]
     }
     assert names == expected and skips == ["lm_head"]
 
