@@ -86,6 +86,19 @@ def test_stream_kernels_read_strided_activations():
     )
 
 
+@needs_native
+def test_stream_kernels_in_bfloat16_compute_read_strided_activations():
+    # Enough rows for the AVX512-BF16 kernels where the CPU has them: their bfloat16 copy of a
+    # strided gradient must be made contiguous before the call.
+    qweight, scales = int8_weight(100, 37)
+    x = torch.randn(48, 300)[::2, 50:150].bfloat16()
+    grad = torch.randn(37, 24).t().bfloat16()
+    y = cpu.stream_forward(x, qweight, scales, torch.bfloat16)
+    dx = cpu.stream_grad_input(grad, qweight, scales, torch.bfloat16)
+    assert relative_error(y, float64_forward(x, qweight, scales)) < BF16
+    assert relative_error(dx, float64_grad_input(grad, qweight, scales)) < BF16
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rows", [0, 1, 17, 70])

@@ -49,7 +49,24 @@ BREAKAGES = {
     "scales of another dtype": (lambda a, q, s: (a, q, s.double()), "one contiguous CPU"),
     "scales not contiguous": (lambda a, q, s: (a, q, torch.stack([s, s], 1)[:, 0]), "one contiguous CPU"),
     "scales on meta": (lambda a, q, s: (a, q, s.to("meta")), "one contiguous CPU"),
+    "weight storage freed": (lambda a, q, s: (a, freed(q), s), "memory of the weight has been freed"),
+    "weight storage shrunk": (lambda a, q, s: (a, shrunk(q), s), "memory of the weight has been freed"),
+    "scales storage freed": (lambda a, q, s: (a, q, freed(s)), "memory of the scales has been freed"),
+    "activation storage freed": (lambda a, q, s: (freed(a), q, s), "memory of the activation has been freed"),
 }
+
+
+def freed(t):
+    """``t`` with its memory released under it, as FSDP2 frees a gathered weight."""
+    t = t.clone()
+    t.untyped_storage().resize_(0)
+    return t
+
+
+def shrunk(t):
+    t = t.clone()
+    t.untyped_storage().resize_(t.element_size() * t.numel() // 2)
+    return t
 
 
 @pytest.mark.parametrize("call_name", list(CALLS))
@@ -104,3 +121,16 @@ def test_a_decode_adapter_on_another_device_takes_the_general_path():
         fused = dispatch.fused_adapter_forward
         assert fused(plan, x, torch.randn(4, 64, device="meta"), torch.randn(48, 4), 1.0) is None
         assert fused(plan, x, torch.randn(4, 64), torch.randn(48, 4, device="meta"), 1.0) is None
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("tensor", ["weight", "weight_scales"])
+def test_a_layer_whose_memory_was_freed_after_a_call_raises_instead_of_reading_it(rows, tensor):
+    # The layer's cached plan held the old addresses; the rebuilt one must see the storage is gone.
+    module = EetqLinear.from_linear(nn.Linear(256, 192, bias=False), dtype=torch.float32)
+    x = torch.randn(rows, 256)
+    with torch.no_grad():
+        module(x)
+        getattr(module, tensor).untyped_storage().resize_(0)
+        with pytest.raises((KernelInputError, RuntimeError), match="freed|out of bounds"):
+            module(x)

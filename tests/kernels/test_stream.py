@@ -92,6 +92,24 @@ def test_moving_the_layer_drops_its_plan():
     assert "_eetq_stream_plan" not in module.__dict__
 
 
+def test_a_scale_or_weight_swapped_at_the_same_address_rebuilds_the_plan():
+    # `.data =` can put a tensor of another stride or dtype at the same address: the plan must not
+    # keep reading it the old way.
+    module = layer()
+    x = torch.randn(1, 96)
+    buffer = torch.rand(2 * 80, dtype=torch.float16) + 0.5
+    with torch.no_grad():
+        module.weight_scales = buffer[:80]
+        module(x)
+        module.weight_scales.data = buffer[::2]
+        assert module.weight_scales.data_ptr() == buffer.data_ptr()
+        expected = float64_forward(x, module.weight, module.weight_scales.contiguous())
+        assert relative_error(module(x), expected) < 1e-6
+        module.weight.data = module.weight.data.view(torch.uint8)
+        with pytest.raises(ValueError, match="int8"):
+            module(x)
+
+
 def test_weights_that_cannot_stream_have_no_plan():
     module = layer()
     module.weight.data = module.weight.data.t().contiguous().t()  # [in, out] view of [out, in] storage
@@ -169,6 +187,22 @@ def test_adapter_in_the_decode_call_matches_peft_roundings(rank, rows, dtype):
         ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
         torch.testing.assert_close(out, expected, rtol=ulp, atol=1e-2)
         assert (out == expected).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("out_features", [16, 21])
+def test_a_nan_in_the_adapter_stays_nan_in_a_bfloat16_decode(out_features):
+    # 0x7FFFFFFF and 0xFFFFFFFF are NaNs whose mantissa is full: rounding them to bfloat16 by adding
+    # half an ulp carries into the exponent and sign, to zero or infinity, unless NaN is kept apart.
+    module = layer(in_features=32, out_features=out_features)
+    lora_a = torch.randn(4, 32) / 10
+    lora_b = torch.randn(out_features, 4) / 10
+    payloads = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    lora_b[:, 0] = payloads.repeat(out_features)[:out_features]
+    x = torch.randn(1, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        out = dispatch.fused_adapter_forward(module.stream_plan(), x, lora_a, lora_b, 2.0)
+    # 16 columns run in the vector loop only, 21 in its tail too.
+    assert out.isnan().all()
 
 
 def test_adapter_operands_follow_the_adapter_and_its_scaling():

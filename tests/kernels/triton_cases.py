@@ -88,6 +88,14 @@ def test_split_sum_is_one_rounding_of_the_float32_sum(dtype):
     assert torch.equal(summed, partial.sum(dim=0).to(dtype))
 
 
+def test_split_sum_keeps_a_nan_with_a_full_mantissa_in_bfloat16():
+    # Rounding by adding half an ulp would carry 0x7FFFFFFF or 0xFFFFFFFF into the exponent and sign.
+    partial = torch.zeros(2, 1, 4)
+    partial[0, 0, :3] = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    summed = triton_kernels._sum_splits(partial, torch.bfloat16)
+    assert summed[0, :3].isnan().all() and summed[0, 3] == 0
+
+
 @pytest.mark.parametrize("path_rows", [1, 70])
 def test_dispatcher_cuda_paths_match_float64(monkeypatch, path_rows):
     # The dispatcher's CUDA branches (fused kernel below CUDA_DEQUANT_MIN_ROWS, dequantize + GEMM

@@ -100,7 +100,7 @@ def stream_grad_input(
     s = scales.to(torch.float32).contiguous()
     if _bf16_dot(grad.shape[0], compute):
         # The scale sits on the summed index here, so it goes into the activations before rounding.
-        a = (grad.to(torch.float32) * s).to(torch.bfloat16)
+        a = (grad.to(torch.float32) * s).to(torch.bfloat16).contiguous()
         return native.rowaxpy_bf16(a, q, None) if rows_are_outputs else native.rowdot_bf16(a, q, None)
     g = _float32_rows(grad)
     return native.rowaxpy(g, q, s, None) if rows_are_outputs else native.rowdot(g, q, None, s)

@@ -22,6 +22,19 @@ def _unit_columns(t: torch.Tensor) -> bool:
     return t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1) and t.stride(0) >= 0
 
 
+def storage_covers(t: torch.Tensor) -> bool:
+    """Whether ``t``'s memory holds every element it addresses.
+
+    A storage can be freed or shrunk under a live tensor (FSDP2 frees a gathered weight with
+    ``untyped_storage().resize_(0)``); torch refuses such a tensor, and so must a C call.
+    """
+    if t.numel() == 0:
+        return True
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    storage = t.untyped_storage()
+    return storage.data_ptr() != 0 and storage.nbytes() >= (t.storage_offset() + extent) * t.element_size()
+
+
 def check_operands(
     kernel: str,
     a: torch.Tensor,
@@ -67,6 +80,13 @@ def check_operands(
                 f"eetq_lora {kernel}: the scales must be one contiguous CPU {str(dtype).replace('torch.', '')} value "
                 f"per weight {side[:-1]} ({sizes[side]}), got {scale.dtype} of shape {list(scale.shape)} on "
                 f"{scale.device}; weight_scales has one float16 value per output channel"
+            )
+    # Last: a meta or wrong-device tensor gets the message above, not this one.
+    for name, tensor in (("activation", a), ("weight", q), *(("scales", t) for t, _ in scales.values())):
+        if tensor is not None and not storage_covers(tensor):
+            raise KernelInputError(
+                f"eetq_lora {kernel}: the memory of the {name} has been freed or shrunk under it; gather the weights "
+                "again (the sharding engine's unshard) before calling the layer"
             )
 
 

@@ -3,9 +3,10 @@
 Automatic rule (the default, ``None``): never compute in a dtype less precise than the input.
 float32 runs in float32, bfloat16 in bfloat16, float16 in float16 on CUDA and in float32 on CPU
 (CPU float16 GEMMs are orders of magnitude slower, and bfloat16 has fewer mantissa bits than
-float16). Opting into ``torch.bfloat16`` runs float32 and float16 inputs through bfloat16 GEMMs
-(about 4x faster on CPUs with AVX-512 BF16 or AMX) at about 1.5e-3 extra relative error, against
-roughly 8.5e-3 from the int8 weight itself. Opting into ``torch.float32`` runs everything in float32.
+float16). Opting into ``torch.bfloat16`` runs float32 and float16 inputs through bfloat16 GEMMs:
+faster where the CPU or GPU has fast bfloat16 GEMMs, for a little more error than the int8 weight
+already adds (the README gives measured figures). Opting into ``torch.float32`` runs everything in
+float32.
 Results always come back in the input's dtype.
 """
 
@@ -64,3 +65,9 @@ def resolve_compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     if dtype == torch.float16 and device_type == "cpu":
         return torch.float32
     return dtype
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a device type autocast does not know
+    (``meta``, for one), where ``torch.is_autocast_enabled`` raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)

@@ -20,7 +20,7 @@ import weakref
 import torch
 
 from . import cpu_library
-from .native import StreamOperands, StreamWeight, launch_stream
+from .native import StreamOperands, StreamWeight, launch_stream, storage_covers
 
 _PLAN_ATTRIBUTE = "_eetq_stream_plan"
 
@@ -38,6 +38,8 @@ def _streams(qweight: torch.Tensor, scales: torch.Tensor) -> bool:
         and scales.dtype == torch.float16
         and scales.is_contiguous()
         and tuple(scales.shape) == (out_features,)
+        and storage_covers(qweight)
+        and storage_covers(scales)
         and cpu_library.is_available()
     )
 
@@ -79,15 +81,20 @@ class StreamPlan(StreamWeight):
         Sharding engines (FSDP2, ZeRO-3) free a layer's gathered weight after its forward and gather
         it again, at another address, for the backward: a plan from the forward is stale there.
         """
+        # dtype and strides too: `.data =` can swap in a tensor of another dtype or stride at the
+        # same address (a uint8 view, a strided view of one buffer).
         return (
             self.usable
             and self.weight() is qweight
             and self.scales() is scales
             and qweight.data_ptr() == self.q_ptr
             and scales.data_ptr() == self.scales_ptr
+            and qweight.dtype == torch.int8
+            and scales.dtype == torch.float16
             and qweight.shape == (self.in_features, self.out_features)
             and qweight.stride() == (self.out_features, 1)
             and scales.shape == (self.out_features,)
+            and scales.stride() == (1,)
         )
 
     def __reduce__(self):

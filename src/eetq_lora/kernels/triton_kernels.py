@@ -130,9 +130,11 @@ if triton is not None:
 
     @triton.jit
     def _bf16_bits(x):
-        # float32 -> bfloat16 bits (as int16), rounded to nearest even; x is finite.
+        # float32 -> bfloat16 bits (as int16), rounded to nearest even; a NaN becomes torch's 0x7FC0
+        # (the rounding add would carry a full-mantissa NaN into the sign bit or to zero).
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(x != x, 0x7FC0, bits)
         return bits.to(tl.uint16).to(tl.int16, bitcast=True)
 
     @triton.jit

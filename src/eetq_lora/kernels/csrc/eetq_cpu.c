@@ -159,9 +159,13 @@ INLINE float tree_sum(vf v) {
 #endif
 }
 
+/* Round-to-nearest-even float32 -> bfloat16 bits. A NaN becomes torch's quiet NaN 0x7FC0: the
+   rounding add would carry a NaN with a full mantissa (0x7FFFFFFF, say) into the sign bit or
+   past it, to infinity or zero. */
 static uint16_t bf16_scalar(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
@@ -173,7 +177,7 @@ static float bf16_to_float(uint16_t h) {
     return f;
 }
 
-/* Round-to-nearest-even float32 -> bfloat16; inputs are finite (an int8 times a finite scale). */
+/* Round-to-nearest-even float32 -> bfloat16, NaN to 0x7FC0 as in bf16_scalar. */
 INLINE void store_bf16(uint16_t* dst, vf v) {
 #if defined(EETQ_AVX512) && defined(__AVX512BF16__)
     __m256bh b = _mm512_cvtneps_pbh((__m512)v);
@@ -181,8 +185,9 @@ INLINE void store_bf16(uint16_t* dst, vf v) {
 #elif defined(EETQ_AVX512)
     __m512i u = _mm512_castps_si512((__m512)v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask((__m512)v, (__m512)v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(u));
 #else
     for (int i = 0; i < VW; i++) dst[i] = bf16_scalar(v[i]);
 #endif
@@ -592,7 +597,8 @@ INLINE vf round_v(int format, vf v) {
     if (format != FORMAT_BF16) return v;
     vu u;
     memcpy(&u, &v, sizeof u);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u); /* all ones in NaN lanes: they become 0x7FC0 (bf16_scalar) */
+    u = (((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u) & ~nan) | (0x7FC00000u & nan);
     memcpy(&v, &u, sizeof v);
     return v;
 }
