@@ -139,3 +139,83 @@ def test_a_decode_call_reads_no_attribute_through_module_getattr(monkeypatch):
         out = layer(x)
     assert looked_up == []
     torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-3)
+
+
+def test_hooks_on_the_base_layer_and_the_adapter_run_in_every_mode():
+    # The fused paths read weights instead of calling modules; a hook must still take effect.
+    model, layer = lora_layer()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        base_out = layer.base_layer(x)
+        plain = layer(x)
+    delta = plain - base_out
+    shift = layer.base_layer.register_forward_hook(lambda module, args, out: out + 1.0)
+    silence = layer.lora_A["default"].register_forward_pre_hook(lambda module, args: (torch.zeros_like(args[0]),))
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), base_out + 1.0)
+    silence.remove()
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), base_out + 1.0 + delta)
+    shift.remove()
+
+
+def test_a_forward_replaced_on_the_instance_is_called():
+    # accelerate's hooks wrap module.forward on the instance (no torch hook): its offloading keeps
+    # the real weights elsewhere and puts them in place only for the call.
+    model, layer = lora_layer()
+    model.eval()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        expected = layer(x)
+    lora_A = layer.lora_A["default"]
+    real_weight = lora_A.weight.detach().clone()
+    class_forward = type(lora_A).forward
+
+    def forward_with_loaded_weight(x):
+        with torch.no_grad():
+            lora_A.weight.copy_(real_weight)
+        return class_forward(lora_A, x)
+
+    with torch.no_grad():
+        lora_A.weight.zero_()  # a placeholder until the wrapped forward loads it
+    lora_A.forward = forward_with_loaded_weight
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+
+
+def test_accelerate_cpu_offload_gives_the_same_logits():
+    accelerate = pytest.importorskip("accelerate")
+    model, _ = lora_layer(target_modules="all-linear")
+    # Offloading keeps the state dict's tensors and puts them back as they are: the plain layout.
+    eetq_lora.set_checkpoint_layout(model, "plain")
+    ids = torch.tensor([[5, 9, 13]])
+    expected = {}
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            expected[training] = model(input_ids=ids).logits
+    accelerate.cpu_offload(model.base_model.model, execution_device=torch.device("cpu"))
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, expected[training])
+
+
+def test_a_global_forward_hook_disables_the_fused_call(monkeypatch):
+    model, layer = lora_layer()
+    model.eval()
+    calls = []
+    original = dispatch.fused_adapter_forward
+    monkeypatch.setattr(linear_module, "fused_adapter_forward", lambda *a: calls.append(1) or original(*a))
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(module))
+    try:
+        with torch.no_grad():
+            layer(torch.randn(1, 64))
+    finally:
+        handle.remove()
+    assert not calls and layer.base_layer in seen and layer.lora_A["default"] in seen

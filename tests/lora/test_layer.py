@@ -115,6 +115,13 @@ def test_inits_that_need_the_float_base_weight_fail_clearly(init):
     assert "gaussian" in str(info.value)
 
 
+def test_a_positional_rank_in_the_config_place_is_a_clear_type_error():
+    # PEFT's signature puts config third; the seed lists r there. A rank given positionally must
+    # not surface as an AttributeError from inside PEFT.
+    with pytest.raises(TypeError, match=r"third argument is config, a LoraConfig.*r=8, lora_alpha=16"):
+        EetqLoraLinear(base_layer(), "a", 4, 8)
+
+
 def test_adapters_stay_float32_on_an_int8_base():
     layer = EetqLoraLinear(base_layer(), "a", r=4)
     assert layer.lora_A["a"].weight.dtype == torch.float32 and layer.lora_B["a"].weight.dtype == torch.float32
@@ -213,6 +220,15 @@ def test_under_autocast_no_conversion_is_made():
     assert lora.dtype == torch.bfloat16 and base.dtype == torch.bfloat16
     assert torch.equal(y, base + lora)
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("autocast_on", [False, True])
+def test_the_autocast_check_works_for_a_model_on_the_meta_device(autocast_on):
+    # torch.is_autocast_enabled("meta") raises; shape inference on meta (as stock PEFT allows) must not.
+    layer = EetqLoraLinear(EetqLinear(32, 24, bias=False, device="meta"), "a", r=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_on):
+        out = layer(torch.randn(2, 5, 32, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 5, 24)
 
 
 def test_dropout_applies_to_the_adapter_input_only():

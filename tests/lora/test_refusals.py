@@ -51,6 +51,29 @@ def test_lora_variants_name_the_eetq_layer_and_the_way_out(name, options):
         get_peft_model(quantized(), config)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"use_dora": True},
+        *(
+            {"init_lora_weights": init}
+            for init in ["pissa", "olora", "loftq", "corda", "orthogonal", "lora_ga", "mica"]
+        ),
+    ],
+    ids=lambda options: str(next(iter(options.values()))),
+)
+def test_dora_and_base_weight_inits_name_the_eetq_layer_and_the_way_out(options):
+    config = LoraConfig(r=4, target_modules=["q_proj"])
+    # Set after construction: LoraConfig's own checks for some inits need optional packages (scipy).
+    for key, value in options.items():
+        setattr(config, key, value)
+    model = quantized()
+    with pytest.raises(
+        ValueError, match=r"EetqLoraLinear \(model\.layers\.0\.self_attn\.q_proj\).*modules_to_not_convert"
+    ):
+        get_peft_model(model, config)
+
+
 def test_plain_lora_still_builds():
     model = get_peft_model(quantized(), LoraConfig(r=4, target_modules=["q_proj"]))
     assert len([m for m in model.modules() if isinstance(m, EetqLoraLinear)]) == 2

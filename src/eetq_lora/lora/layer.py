@@ -8,7 +8,9 @@ from typing import Any, Optional
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
+from torch.nn.modules import module as _torch_module
 
+from ..kernels.policy import autocast_enabled
 from ..quant.linear import EetqLinear
 from .side_path import lora_side_path
 
@@ -44,8 +46,43 @@ def _requested_variants(config: LoraConfig) -> list[str]:
     return requested
 
 
-def _refuse_dora(layer_name: str) -> ValueError:
-    return ValueError(f"{layer_name} does not support DoRA, please set use_dora=False")
+def _called_plainly(*modules: torch.nn.Module) -> bool:
+    """Whether calling each of these modules would run its class's forward and nothing else.
+
+    The fused paths read a module's weights instead of calling it. That is only the same where no
+    hook of the module (or a global one) would run and its forward is not replaced on the instance:
+    accelerate's offloading, for one, wraps ``forward`` to load the weights first, and without it
+    the call would read placeholders.
+    """
+    if (
+        _torch_module._global_forward_pre_hooks
+        or _torch_module._global_forward_hooks
+        or _torch_module._global_backward_pre_hooks
+        or _torch_module._global_backward_hooks
+    ):
+        return False
+    for module in modules:
+        if (
+            module._forward_pre_hooks
+            or module._forward_hooks
+            or module._backward_pre_hooks
+            or module._backward_hooks
+            or "forward" in module.__dict__
+        ):
+            return False
+    return True
+
+
+def _layer_label(layer: torch.nn.Module, keywords: dict[str, Any]) -> str:
+    # PEFT passes the layer's path in the model as target_name, for messages like these.
+    return f"{type(layer).__name__} ({keywords.get('target_name') or 'an EETQ int8 layer'})"
+
+
+def _refuse_dora(label: str) -> ValueError:
+    return ValueError(
+        f"{label} does not support DoRA, please set use_dora=False, or keep the layers DoRA needs in float "
+        "with quantize_model(model, modules_to_not_convert=[...])"
+    )
 
 
 def _config_from_keywords(
@@ -84,8 +121,16 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
         lora_bias: bool = False,
         **kwargs: Any,
     ) -> None:
+        if config is not None and not isinstance(config, LoraConfig):
+            # The seed's parameter list starts base_layer, adapter_name, r; PEFT's signature (kept
+            # here) puts config third, so a positional rank lands in config.
+            raise TypeError(
+                f"{type(self).__name__}'s third argument is config, a LoraConfig (as in PEFT), got "
+                f"{type(config).__name__} {config!r}; pass the rank and the other settings by keyword: "
+                f"{type(self).__name__}(base_layer, adapter_name, r=8, lora_alpha=16)"
+            )
         if use_dora or (config is not None and config.use_dora):
-            raise _refuse_dora(type(self).__name__)
+            raise _refuse_dora(_layer_label(self, kwargs))
         config = _config_from_keywords(
             config,
             r,
@@ -126,12 +171,13 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
         # Also reached directly by PEFT when a second adapter is added to an already wrapped layer.
         if config.use_dora:
-            raise _refuse_dora(type(self).__name__)
+            raise _refuse_dora(_layer_label(self, kwargs))
         init = config.init_lora_weights
         if isinstance(init, str) and init.lower().startswith(_BASE_WEIGHT_INITS):
             raise ValueError(
-                f"init_lora_weights={init!r} needs to read and rewrite the float base weight, but an EETQ base "
-                f"layer is frozen int8. Use {_SUPPORTED_INITS}."
+                f"{_layer_label(self, kwargs)}: init_lora_weights={init!r} needs to read and rewrite the float base "
+                f"weight, but an EETQ base layer is frozen int8. Use {_SUPPORTED_INITS}, or keep this layer in float "
+                "with quantize_model(model, modules_to_not_convert=[...])"
             )
         dropout = config.lora_dropout
         if not 0.0 <= dropout < 1.0:
@@ -139,9 +185,8 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
             raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
         variants = _requested_variants(config)
         if variants:
-            where = kwargs.get("target_name") or "an EETQ int8 layer"
             raise ValueError(
-                f"{type(self).__name__} ({where}) supports plain LoRA only, "
+                f"{_layer_label(self, kwargs)} supports plain LoRA only, "
                 f"not the LoRA variant(s) {', '.join(variants)}; leave those options unset for EETQ layers, or keep "
                 "the layers they need in float with quantize_model(model, modules_to_not_convert=[...])"
             )
@@ -154,7 +199,7 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
         scaling = self.scaling[adapter]
         # Under autocast the adapter runs in the autocast dtype; otherwise x follows lora_A's dtype
         # and the output goes back to the base result's dtype.
-        requires_conversion = not torch.is_autocast_enabled(x.device.type)
+        requires_conversion = not autocast_enabled(x.device.type)
         if requires_conversion and self._plain_adapter(lora_A, lora_B):
             return lora_side_path(dropout(x), lora_A.weight, lora_B.weight, scaling, result_dtype)
         if requires_conversion:
@@ -165,15 +210,17 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
         return output * scaling
 
     def _plain_adapter(self, lora_A: torch.nn.Module, lora_B: torch.nn.Module) -> bool:
-        # The one-node side path covers bias-free nn.Linear adapters with PEFT's input cast on;
-        # anything else (lora_bias, disabled casting, no such adapter) takes PEFT's module calls.
-        # The biases come from _parameters: this also runs on every decoding call (see _decode_step).
+        # The one-node side path covers bias-free nn.Linear adapters without hooks, with PEFT's input
+        # cast on; anything else (lora_bias, disabled casting, no such adapter, a hook to run) takes
+        # PEFT's module calls. The biases come from _parameters: this also runs on every decoding
+        # call (see _decode_step).
         return (
             type(lora_A) is torch.nn.Linear
             and type(lora_B) is torch.nn.Linear
             and lora_A._parameters["bias"] is None
             and lora_B._parameters["bias"] is None
             and getattr(self, "cast_input_dtype_enabled", True)
+            and _called_plainly(lora_A, lora_B)
         )
 
     def _decode_step(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -198,7 +245,7 @@ class EetqLoraLinear(torch.nn.Module, LoraLayer):
         if type(base) is not EetqLinear or not self._plain_adapter(lora_A, lora_B):
             return None
         dropout = modules["lora_dropout"]._modules[active]
-        if dropout.training and type(dropout) is not torch.nn.Identity:
+        if (dropout.training and type(dropout) is not torch.nn.Identity) or not _called_plainly(base, dropout):
             return None
         weight_A, weight_B = lora_A._parameters["weight"], lora_B._parameters["weight"]
         return base.forward_with_adapter(x, weight_A, weight_B, self.scaling[active])

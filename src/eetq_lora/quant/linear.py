@@ -12,6 +12,7 @@ from ..format.quantize import FLOAT_DTYPES, dequantize_weight, quantize_weight
 from ..kernels import stream
 from ..kernels.dispatch import fused_adapter_forward, int8_linear
 from ..kernels.ops import traced_int8_linear
+from ..kernels.policy import autocast_enabled
 
 # Each layer's most recent packed checkpoint weight, held weakly: (destination key, memo, tensor ref).
 # PEFT registers one base layer under two names (base_layer and quant_linear_module), so a single
@@ -95,7 +96,7 @@ class EetqLinear(nn.Module):
         weight, scales = self.weight, self.weight_scales
         if _autocast_active():
             device_type = x.device.type
-            if torch.is_autocast_enabled(device_type) and torch.is_floating_point(x):
+            if autocast_enabled(device_type) and torch.is_floating_point(x):
                 # Like nn.Linear under autocast: run in the autocast dtype, then let the kernel pick
                 # its own compute dtype without autocast rewriting its matmuls.
                 x = x.to(torch.get_autocast_dtype(device_type))
