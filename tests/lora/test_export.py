@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import eetq_lora
 from eetq_lora import EetqLinear, export_merged
 from tests.helpers import tiny_llama, token_batch
-from tests.lora.helpers import quantized_with_two_adapters
+from tests.lora.helpers import quantized_with_two_adapters, randomize_lora
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,31 @@ def test_export_merged_float_checkpoint_loads_in_stock_transformers(tmp_path):
     ids = token_batch()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("requantize", [False, True])
+def test_adapters_on_layers_kept_in_float_are_merged_too(tmp_path, requantize):
+    # all-linear also wraps the nn.Linear layers quantization left alone, in PEFT's own LoRA layer.
+    base = eetq_lora.quantize_model(tiny_llama(), modules_to_not_convert=["down_proj"])
+    model = eetq_lora.get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    randomize_lora(model, seed=3)
+    model.eval()
+    float_layer = model.base_model.model.model.layers[0].mlp.down_proj
+    assert isinstance(float_layer.get_base_layer(), torch.nn.Linear)
+    expected_weight = float_layer.get_base_layer().weight + float_layer.get_delta_weight("default")
+    report = export_merged(model, tmp_path / "merged", dtype=torch.float32, requantize=requantize)
+    eetq_layers = sum(isinstance(m, EetqLinear) for m in model.modules())
+    assert report.merged_layers == eetq_layers + 2  # and the two float down_proj layers
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    exported = loaded.model.layers[0].mlp.down_proj
+    assert type(exported) is torch.nn.Linear
+    torch.testing.assert_close(exported.weight, expected_weight, rtol=1e-6, atol=1e-6)
+    if not requantize:
+        ids = token_batch()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    # The model in memory is unchanged: its float layer is not merged.
+    assert not float_layer.merged
 
 
 def test_export_merged_defaults_to_bfloat16(tmp_path):

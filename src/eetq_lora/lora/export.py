@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
@@ -79,6 +80,17 @@ def _merged_linear(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Te
     return _dequantized(module, name), bias
 
 
+def _merged_float_layer(module: BaseTunerLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias of a PEFT layer on a float base (a layer kept out of quantization), its
+    active adapters merged by PEFT's own merge, on a copy: the model in memory stays as it was."""
+    merged = copy.deepcopy(module)
+    if not merged.disable_adapters:
+        merged.merge()
+    base = merged.get_base_layer()
+    bias = getattr(base, "bias", None)
+    return base.weight.detach().float(), None if bias is None else bias.detach().float()
+
+
 def _dequantized(layer: nn.Module, name: str) -> torch.Tensor:
     if isinstance(layer, EetqLinear):
         return layer.dequantize(torch.float32)
@@ -125,15 +137,20 @@ def export_merged(
         float_model = type(base)(config)
 
     eetq_types = (EetqLoraLinear, *eetq_layer_classes())
-    merged_names: list[str] = []
+    merged_names: list[str] = []  # the EETQ layers (requantize=True quantizes them again)
+    merged_float = 0
     state: dict[str, torch.Tensor] = {}
     for name, target in float_model.named_modules():
         if not isinstance(target, nn.Linear):
             continue
         source = _resolve(base, name)
-        if isinstance(source, eetq_types):
-            weight, bias = _merged_linear(source, name)
-            merged_names.append(name)
+        if isinstance(source, eetq_types) or isinstance(source, BaseTunerLayer):
+            if isinstance(source, eetq_types):
+                weight, bias = _merged_linear(source, name)
+                merged_names.append(name)
+            else:
+                weight, bias = _merged_float_layer(source)
+                merged_float += 1
             state[f"{name}.weight"] = weight
             if target.bias is not None:
                 if bias is None:
@@ -146,7 +163,7 @@ def export_merged(
 
     float_model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
     float_model.tie_weights()
-    report = ExportReport(path=out_dir, merged_layers=len(merged_names), requantized=requantize)
+    report = ExportReport(path=out_dir, merged_layers=len(merged_names) + merged_float, requantized=requantize)
 
     to_save: nn.Module = float_model
     if requantize:
