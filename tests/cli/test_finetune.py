@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from eetq_lora import EetqLinear
 from eetq_lora.atomic import FolderLock
-from eetq_lora.cli.main import main
+from eetq_lora.cli.finetune import config_from_args
+from eetq_lora.cli.main import build_parser, main
 from eetq_lora.training import finetune as finetune_module
 from eetq_lora.training import runtime, trainer
 from tests.helpers import qa_pairs
@@ -89,8 +90,22 @@ def test_help_explains_every_flag_and_the_exit_codes(capsys):
 def test_top_level_help_lists_the_subcommands():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("finetune", "generate", "eval"):
+    for command in ("finetune", "generate", "eval", "quantize"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["finetune", "generate", "eval", "quantize"])
+def test_every_subcommand_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: eetq-lora {command}" in capsys.readouterr().out
+
+
+def test_the_main_job_defaults_are_the_readmes():
+    # "trains LoRA r=8 on all linear layers for 60 steps", from a bare `eetq-lora finetune`
+    config = config_from_args(build_parser().parse_args(["finetune"]))
+    assert (config.r, config.target_modules, config.steps) == (8, "all-linear", 60)
 
 
 def test_tiny_end_to_end_writes_adapter_metrics_and_plot(tiny_model, qa_file, tmp_path, capsys):
@@ -388,8 +403,9 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_the_lock(
     assert not (tmp_path / ".run.lock").exists()  # released and removed on exit
 
 
-def test_a_nan_loss_stops_the_run_keeps_the_last_checkpoint_and_saves_no_adapter(
-    tiny_model, qa_file, tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_loss_stops_the_run_keeps_the_last_checkpoint_and_saves_no_adapter(
+    tiny_model, qa_file, tmp_path, monkeypatch, capsys, bad
 ):
     out, staging = tmp_path / "run", tmp_path / ".run.partial"
     assert main(tiny_args(tiny_model, qa_file, out)) == 0
@@ -404,14 +420,14 @@ def test_a_nan_loss_stops_the_run_keeps_the_last_checkpoint_and_saves_no_adapter
         stats = real_stats(model, batch)
         calls.append(1)
         if len(calls) >= 3:
-            stats.nll = stats.nll * float("nan")
+            stats.nll = stats.nll * bad
         return stats
 
     monkeypatch.setattr(trainer, "answer_token_stats", nan_from_step_3)
     assert main(tiny_args(tiny_model, qa_file, out, "--overwrite", "--seed", "1")) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (
-        "eetq-lora finetune: error: training diverged at step 3/4: the training loss is nan, so no adapter was "
+        f"eetq-lora finetune: error: training diverged at step 3/4: the training loss is {bad}, so no adapter was "
         f"saved; the last checkpoint (step 2) is kept in {staging / 'checkpoint'} and {out} is as it was. "
         "Start again with a lower --lr (it is 0.01) or --alpha (16) and --overwrite"
     )

@@ -69,17 +69,23 @@ def test_mixed_batch_matches_peft_on_the_dequantized_float_model():
 # --- adapter arithmetic and management -------------------------------------------------------
 
 
-@pytest.mark.parametrize("combination", ["linear", "cat", "svd", "ties_svd", "magnitude_prune_svd"])
+# Every combination type PEFT 0.21 offers.
+COMBINATIONS = ["svd", "linear", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"]
+COMBINATIONS += ["magnitude_prune", "magnitude_prune_svd", "cat"]
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
 def test_add_weighted_adapter_matches_peft_on_floats(combination):
     model = quantized_with_two_adapters()
     twin = dequantized_float_twin(model)
-    extra = {"density": 0.5} if "ties" in combination or "magnitude" in combination else {}
-    if combination == "linear":
-        # linear needs equal ranks: combine an adapter with itself at two weights
+    extra = {"density": 0.5} if combination.startswith(("ties", "dare", "magnitude")) else {}
+    if combination in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"):
+        # these need equal ranks: combine an adapter with itself at two weights
         adapters, weights = ["default", "default"], [0.25, 0.5]
     else:
         adapters, weights = ["default", "other"], [0.7, 0.3]
     for peft_model in (model, twin):
+        torch.manual_seed(0)  # DARE prunes at random: the same draws for both
         peft_model.add_weighted_adapter(adapters, weights, "mixed", combination_type=combination, **extra)
         peft_model.set_adapter("mixed")
     ours = {k: v for k, v in model.state_dict().items() if ".mixed." in k}

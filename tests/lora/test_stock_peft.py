@@ -113,6 +113,26 @@ def test_a_peft_that_moved_the_hooked_names_fails_loudly(monkeypatch):
         peft_hooks.install_peft_hooks()
 
 
+def test_a_peft_without_the_all_linear_function_fails_loudly(monkeypatch):
+    import peft.tuners.tuners_utils as tuners_utils
+
+    monkeypatch.delattr(tuners_utils, "_maybe_include_all_linear_layers")
+    with pytest.raises(peft_hooks.PeftCompatibilityError, match=r"_maybe_include_all_linear_layers is gone"):
+        peft_hooks.install_peft_hooks()
+
+
+def test_a_peft_that_expands_all_linear_elsewhere_fails_loudly(monkeypatch):
+    # The function still exists, but inject_adapter stopped calling it: the hook would never run.
+    import peft.tuners.tuners_utils as tuners_utils
+
+    def inject_adapter(self, model, adapter_name, **kwargs):
+        return None
+
+    monkeypatch.setattr(tuners_utils.BaseTuner, "inject_adapter", inject_adapter)
+    with pytest.raises(peft_hooks.PeftCompatibilityError, match=r"inject_adapter no longer calls"):
+        peft_hooks.install_peft_hooks()
+
+
 def test_a_peft_whose_factory_stops_using_the_hook_fails_loudly(monkeypatch):
     from peft.tuners.lora import LoraModel
 

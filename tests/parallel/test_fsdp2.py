@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig
+from torch.distributed.fsdp import FSDPModule
 
 import eetq_lora
 from eetq_lora import EetqLinear
@@ -33,7 +34,8 @@ def sharded_grads(rank, world, reshard_after_forward):
     model = lora_model()
     total = local_int8_bytes(model)
     shard_model(model, reshard_after_forward=reshard_after_forward)
-    results = {"int8_total": total, "int8_local": local_int8_bytes(model)}
+    units = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+    results = {"int8_total": total, "int8_local": local_int8_bytes(model), "units": units}
     for tokens in TOKENS_PER_RANK:
         ids = rank_batch(rank, tokens)
         loss = loss_of(model, ids)
@@ -73,9 +75,14 @@ def test_lora_gradients_equal_one_process(one_process, reshard_after_forward):
             for name, grad in expected.items():
                 assert grad.abs().max() > 0, name
                 torch.testing.assert_close(got[name], grad, rtol=0, atol=1e-6, msg=f"{tokens} tokens: {name}")
-    # Each rank holds half of the int8 base.
+    # Each rank holds half of the int8 base, sharded in one unit per decoder layer, the embeddings,
+    # the head and the root.
+    prefix = "base_model.model."
+    expected_units = {"", f"{prefix}model.embed_tokens", f"{prefix}lm_head"}
+    expected_units |= {f"{prefix}model.layers.{i}" for i in range(2)}
     for result in ranks:
         assert result["int8_local"] * WORLD == result["int8_total"]
+        assert set(result["units"]) == expected_units
 
 
 def checkpointed(model):
@@ -145,8 +152,9 @@ def test_meta_device_layers_are_refused_before_sharding():
     with torch.device("meta"):
         layer = EetqLinear(64, 64)
     model = torch.nn.Sequential(layer)
-    with pytest.raises(ShardingError, match="meta device"):
+    with pytest.raises(ShardingError, match=r"meta device.*load_sharded") as info:
         shard_model(model)
+    assert "\n" not in str(info.value)
 
 
 def test_sharding_without_a_process_group_is_refused():

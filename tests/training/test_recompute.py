@@ -9,12 +9,14 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GemmaConfig,
     GraniteConfig,
     MistralConfig,
     Olmo2Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    SmolLM3Config,
 )
 
 import eetq_lora
@@ -31,12 +33,16 @@ def family_model(family: str) -> torch.nn.Module:
         "qwen2": Qwen2Config,
         "qwen3": Qwen3Config,
         "phi3": Phi3Config,
+        "gemma": GemmaConfig,
         "gemma2": Gemma2Config,
         "gemma3": Gemma3TextConfig,
         "granite": GraniteConfig,
         "olmo2": Olmo2Config,
+        "smollm3": SmolLM3Config,
     }[family]
-    extra = {"pad_token_id": 0} if family == "phi3" else {"head_dim": 16} if family.startswith("gemma") else {}
+    extra = {"pad_token_id": 0} if family in ("phi3", "smollm3") else {}
+    if family.startswith("gemma"):
+        extra = {"head_dim": 16}
     return AutoModelForCausalLM.from_config(config(**TINY_SIZES, **extra)).eval()
 
 
@@ -78,7 +84,8 @@ def saved_activation_bytes(model, ids) -> int:
     return sum(storages.values())
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "granite", "olmo2"]
+# The families the README names: Gemma 1-3, SmolLM3 and the rest.
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "smollm3"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -127,6 +127,10 @@ def install_peft_hooks() -> None:
     current = getattr(all_linear_module, _ALL_LINEAR_FUNCTION, None)
     if not callable(current):
         raise _incompatible(f"{_ALL_LINEAR_MODULE}.{_ALL_LINEAR_FUNCTION} is gone")
+    # The hook works by replacing the module's global, so the caller must look it up there.
+    inject = getattr(getattr(all_linear_module, "BaseTuner", None), "inject_adapter", None)
+    if _ALL_LINEAR_FUNCTION not in getattr(getattr(inject, "__code__", None), "co_names", ()):
+        raise _incompatible(f"{_ALL_LINEAR_MODULE}.BaseTuner.inject_adapter no longer calls {_ALL_LINEAR_FUNCTION}")
     dispatch_module.dispatch_eetq = dispatch_eetq
     if not hasattr(current, _MARK):
         setattr(all_linear_module, _ALL_LINEAR_FUNCTION, _with_eetq_all_linear(current))
