@@ -306,6 +306,23 @@ def test_float_weight_where_int8_is_expected_is_an_error(tmp_path, caplog, shape
     assert f"got torch.float32 of shape {list(shape)}" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "device_map",
+    [{"model.layers.0": 0, "model.layers.1": "cpu"}, {"model": "cuda:0", "lm_head": torch.device("cpu")}],
+)
+def test_cpu_offload_next_to_a_gpu_is_refused(device_map):
+    # accelerate would offload the CPU part from model.state_dict(), whose int8 weights are in the
+    # EETQ checkpoint layout, and put those bytes back into the layers as they are.
+    quantizer = EetqLoraHfQuantizer(EetqConfig("int8"))
+    with pytest.raises(ValueError, match=r"offloaded to CPU next to a GPU.*device_map='cpu'"):
+        quantizer.validate_environment(device_map=device_map)
+
+
+@pytest.mark.parametrize("device_map", [{"": "cpu"}, {"model": "cpu", "lm_head": "cpu"}, {"model": 0, "lm_head": 1}])
+def test_a_device_map_on_one_kind_of_device_is_accepted(device_map):
+    EetqLoraHfQuantizer(EetqConfig("int8")).validate_environment(device_map=device_map)
+
+
 def test_disk_offload_is_refused():
     quantizer = EetqLoraHfQuantizer(EetqConfig("int8"), pre_quantized=True)
     with pytest.raises(ValueError, match="disk"):

@@ -191,10 +191,21 @@ class EetqLoraHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args, **kwargs) -> None:
         device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and "disk" in device_map.values():
+        if not isinstance(device_map, dict):
+            return
+        devices = {str(device) for device in device_map.values()}
+        if "disk" in devices:
             raise ValueError(
                 "EETQ int8 models cannot be offloaded to disk: give every module a device in device_map "
                 "(the int8 layers run on CPU as well as on GPU)"
+            )
+        if "cpu" in devices and devices != {"cpu"}:
+            # accelerate would keep the CPU part's weights as model.state_dict() gives them, in the
+            # EETQ checkpoint layout, and put those bytes into the layers at each call.
+            raise ValueError(
+                "EETQ int8 models cannot be offloaded to CPU next to a GPU (device_map mixes 'cpu' with "
+                f"{sorted(devices - {'cpu'})}): run the whole model on the GPU(s), or the whole model on the CPU "
+                "(device_map='cpu'); the int8 weights take half the memory of bf16 ones"
             )
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
