@@ -114,7 +114,7 @@ def terminal_bars(monkeypatch):
     bars, shown, real_bar = [], [], progress.progress_bar
 
     def on_terminal(*args, **kwargs):
-        bars.append(real_bar(*args, stream=Terminal(), **kwargs))
+        bars.append(real_bar(*args, **{**kwargs, "stream": Terminal()}))
         shown.append(not bars[-1].disable)  # closing a tqdm bar disables it
         return bars[-1]
 

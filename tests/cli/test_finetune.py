@@ -102,6 +102,16 @@ def test_every_subcommand_has_help(capsys, command):
     assert f"usage: eetq-lora {command}" in capsys.readouterr().out
 
 
+def test_the_training_bar_shows_on_a_terminal_unless_no_progress(tiny_model, qa_file, tmp_path, terminal_bars):
+    bars, shown = terminal_bars
+    assert main(tiny_args(tiny_model, qa_file, tmp_path / "shown")) == 0
+    # (a disabled tqdm bar keeps no desc)
+    assert "training" in [bar.desc for bar, drawn in zip(bars, shown, strict=True) if drawn]
+    bars.clear(), shown.clear()
+    assert main(tiny_args(tiny_model, qa_file, tmp_path / "quiet", "--no-progress")) == 0
+    assert bars and not any(shown)
+
+
 def test_the_main_job_defaults_are_the_readmes():
     # "trains LoRA r=8 on all linear layers for 60 steps", from a bare `eetq-lora finetune`
     config = config_from_args(build_parser().parse_args(["finetune"]))

@@ -223,6 +223,8 @@ def test_progress_bar_goes_to_stderr_on_a_terminal_only(tmp_path, capsys, monkey
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["quantize", str(src), str(tmp_path / "int8")]) == 0
     assert "quantizing" in capsys.readouterr().err
+    assert main(["quantize", "--no-progress", str(src), str(tmp_path / "quiet")]) == 0
+    assert "quantizing" not in capsys.readouterr().err
 
 
 # ---- failures ------------------------------------------------------------------------------

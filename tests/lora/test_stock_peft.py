@@ -85,8 +85,12 @@ def test_transformers_load_adapter_and_inject_adapter_in_model(saved):
     model = quantized()
     model.load_adapter(str(root / "adapter"))
     assert len(wrapped_names(model)) == 14 and torch.equal(logits(model), expected)
-    injected = inject_adapter_in_model(config(["q_proj"]), quantized())
+    base = quantized()
+    base_logits = logits(base)
+    injected = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), base)
     assert len(wrapped_names(injected)) == 2
+    # PEFT's default init makes B zero: the injected model computes what the base did, through the adapters.
+    assert torch.equal(logits(injected), base_logits)
 
 
 def test_peft_add_adapter_reaches_layers_not_yet_wrapped():

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from eetq_lora import quantize_weight
 from eetq_lora.errors import UserError
 from eetq_lora.format.layout import pack_weight
+from eetq_lora.quant import convert
 from eetq_lora.quant.convert import CheckpointError, ConversionReport, linear_weight_names, quantize_checkpoint
 from tests.helpers import PROJECTIONS, tiny_llama
 from tests.quant.helpers import float_folder
@@ -117,3 +118,18 @@ def test_parameters_per_second_of_an_instant_conversion_is_infinite():
     report = ConversionReport(10, 8, 1, 40, 12, 0.0, "plain", ["lm_head"])
     assert report.parameters_per_second == float("inf")
     assert ConversionReport(10, 8, 1, 40, 12, 2.0, "plain", []).parameters_per_second == 5.0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_weights_waiting_to_be_quantized_stay_bounded(tmp_path, monkeypatch, threads):
+    # "streamed": reading runs ahead of quantizing by at most 2 x threads weights, however many
+    # the checkpoint holds, so memory stays near one shard's output.
+    src = tmp_path / "float"
+    tiny_llama().save_pretrained(src)
+    waiting, real_finish = [], convert._finish_oldest
+    monkeypatch.setattr(
+        convert, "_finish_oldest", lambda queue, *a: waiting.append(len(queue)) or real_finish(queue, *a)
+    )
+    report = quantize_checkpoint(src, tmp_path / "int8", threads=threads, progress=False)
+    assert report.quantized_layers == len(linear_weights()) > 2 * threads + 1
+    assert max(waiting) == 2 * threads + 1
