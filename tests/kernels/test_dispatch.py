@@ -68,9 +68,9 @@ def test_other_devices_and_cuda_without_triton_use_reference(monkeypatch):
     assert select_path("mps", torch.float32, 1, qweight).name == "reference"
     monkeypatch.setattr(dispatch, "_triton_usable", lambda: True)
     assert select_path("cuda", torch.float16, 1, qweight).name == "cuda-triton"
-    below = dispatch.CUDA_DEQUANT_MIN_ROWS - 1
-    assert select_path("cuda", torch.bfloat16, below, qweight, "grad_input").name == "cuda-triton"
-    assert select_path("cuda", torch.bfloat16, below + 1, qweight, "grad_input").name == "cuda-dequant"
+    # The README's "a fused Triton w8a16 kernel for small M and ... dequantize + cuBLAS from M=64 on".
+    assert select_path("cuda", torch.bfloat16, 63, qweight, "grad_input").name == "cuda-triton"
+    assert select_path("cuda", torch.bfloat16, 64, qweight, "grad_input").name == "cuda-dequant"
     assert select_path("cuda", torch.float16, 4096, qweight).name == "cuda-dequant"
     assert select_path("cuda", torch.float32, 1, qweight).name == "cuda-dequant"
     monkeypatch.setattr(dispatch, "_triton_usable", lambda: False)

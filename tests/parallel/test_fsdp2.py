@@ -233,3 +233,31 @@ def test_sharded_state_dicts_save_and_load_with_dcp(tmp_path):
     assert gathered.keys() == plain.keys()
     for key, weight in plain.items():
         assert torch.equal(gathered[key], weight), key
+
+
+def full_state_dict_while_sharded(rank, world):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    torch.manual_seed(0)
+    model = shard_model(lora_model())
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def test_a_full_state_dict_taken_while_sharded_loads_unsharded_in_the_plain_layout():
+    # DCP's full state dict keeps the int8 weights plain: a model loading it unsharded must be told.
+    state = run_ranks(full_state_dict_while_sharded, WORLD)[0]
+    torch.manual_seed(0)
+    reference = lora_model()
+    ids = rank_batch(0, 8)[:1]
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        for name, module in reference.named_modules():
+            if isinstance(module, EetqLinear):
+                assert torch.equal(state[f"{name}.weight"], module.weight), name
+        plain = lora_model()
+        eetq_lora.set_checkpoint_layout(plain, "plain")
+        plain.load_state_dict(state)
+        assert torch.equal(plain(input_ids=ids).logits, expected)
+        packed = lora_model()  # the default layout reads the plain bytes as packed ones
+        packed.load_state_dict(state)
+        assert not torch.equal(packed(input_ids=ids).logits, expected)
