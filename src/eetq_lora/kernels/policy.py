@@ -65,9 +65,3 @@ def resolve_compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     if dtype == torch.float16 and device_type == "cpu":
         return torch.float32
     return dtype
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type``; False for a device type autocast does not know
-    (``meta``, for one), where ``torch.is_autocast_enabled`` raises."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)

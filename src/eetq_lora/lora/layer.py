@@ -10,8 +10,7 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 from torch.nn.modules import module as _torch_module
 
-from ..kernels.policy import autocast_enabled
-from ..quant.linear import EetqLinear
+from ..quant.linear import EetqLinear, autocast_enabled
 from .side_path import lora_side_path
 
 # Inits that derive A/B from (and rewrite) the float base weight; an int8 base cannot provide that.

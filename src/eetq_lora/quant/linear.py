@@ -12,7 +12,6 @@ from ..format.quantize import FLOAT_DTYPES, dequantize_weight, quantize_weight
 from ..kernels import stream
 from ..kernels.dispatch import fused_adapter_forward, int8_linear
 from ..kernels.ops import traced_int8_linear
-from ..kernels.policy import autocast_enabled
 
 # Each layer's most recent packed checkpoint weight, held weakly: (destination key, memo, tensor ref).
 # PEFT registers one base layer under two names (base_layer and quant_linear_module), so a single
@@ -234,6 +233,12 @@ class EetqLinear(nn.Module):
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a device type autocast does not know
+    (``meta``, for one), where ``torch.is_autocast_enabled`` raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _autocast_active() -> bool:
