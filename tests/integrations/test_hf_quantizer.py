@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import torch
+from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -343,6 +344,50 @@ def test_dequantize_gives_back_float_linears(tmp_path):
     for name, weight in expected.items():
         linear = model.get_submodule(name)
         assert type(linear) is nn.Linear and torch.equal(linear.weight, weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_follows_the_models_dtype_after_a_cast(tmp_path, dtype):
+    # config.dtype is missing after quantize_model and stale after .to(): the layers must come back
+    # in the dtype the rest of the model has, or its forward mixes dtypes.
+    model = eetq_lora.quantize_model(tiny_llama()).to(dtype)
+    model.config.dtype = torch.float32 if dtype == torch.bfloat16 else None
+    model.dequantize()
+    assert not quantized_layers(model)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=token_batch()).logits).all()
+
+
+def test_a_tied_head_stays_float_when_quantizing_on_the_fly(tmp_path):
+    # transformers ties the head to the embeddings after loading: an int8 head would receive the
+    # embedding's float matrix and no scales.
+    tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path)
+    config = EetqConfig("int8", modules_to_not_convert=[])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    expected = eetq_lora.quantize_model(tiny_llama(tie_word_embeddings=True), modules_to_not_convert=["lm_head"])
+    assert torch.equal(logits(model), logits(expected))
+
+
+@pytest.mark.parametrize("bias_value", [0.5, 1e5])
+def test_quantize_model_keeps_a_bias_in_its_layers_dtype(bias_value):
+    # A float16 bias would round an fp32 one, and overflow past 65504.
+    model = tiny_llama(attention_bias=True)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.bias.fill_(bias_value)
+    eetq_lora.quantize_model(model)
+    bias = model.model.layers[0].self_attn.q_proj.bias
+    assert bias.dtype == torch.float32 and torch.all(bias == bias_value)
+
+
+def test_quantize_model_refuses_a_model_with_adapters():
+    peft_model = eetq_lora.get_peft_model(eetq_lora.quantize_model(tiny_llama()), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(
+        ValueError, match=r"already has PEFT adapters.*get_peft_model\(quantize_model\(model\), config\)"
+    ):
+        eetq_lora.quantize_model(peft_model)
+    assert all(type(m.lora_A["default"]) is nn.Linear for m in peft_model.modules() if hasattr(m, "lora_A"))
 
 
 def test_nothing_touches_the_network(tmp_path, monkeypatch):

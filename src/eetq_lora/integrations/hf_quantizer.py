@@ -18,6 +18,7 @@ back. Nothing here touches the network. From then on, in this process:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 
@@ -35,6 +36,7 @@ from ..format.quantize import FLOAT_DTYPES, quantize_weight
 from ..quant.linear import EetqLinear
 
 QUANT_METHOD = "eetq"
+logger = logging.getLogger("eetq_lora")
 _stock_quantizer: type[HfQuantizer] | None = None
 _default_layout = DEFAULT_LAYOUT
 
@@ -177,6 +179,26 @@ class _QuantizeWeight(ConversionOps):
         return result
 
 
+def _tied_head(model) -> list[str]:
+    """The output head's name where the config ties it to the input embeddings, else nothing.
+
+    transformers ties the head after loading by giving it the embedding's float weight: an int8
+    layer there would end up holding a float matrix and no scales. It stays in float, as it does
+    under ``eetq-lora quantize``.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(
+        getattr(config, "get_text_config", lambda: None)(), "tie_word_embeddings", False
+    )
+    if head is None or not tied:
+        return []
+    names = [name for name, module in model.named_modules() if module is head]
+    if names:
+        logger.info("eetq_lora: keeping the output head %s in float, since it is tied to the embeddings", names[0])
+    return names
+
+
 class EetqLoraHfQuantizer(HfQuantizer):
     """transformers quantizer for ``quant_method: "eetq"`` backed by this package's portable EetqLinear."""
 
@@ -240,6 +262,8 @@ class EetqLoraHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, self.quantization_config.modules_to_not_convert, model._keep_in_fp32_modules
         )
+        if not self.pre_quantized:
+            self.modules_to_not_convert += _tied_head(model)
         self.layout = (
             read_checkpoint_layout(checkpoint_files, _default_layout) if self.pre_quantized else _default_layout
         )
@@ -291,6 +315,21 @@ class EetqLoraHfQuantizer(HfQuantizer):
                 "pick one with eetq_lora.set_checkpoint_layout(model, layout) before saving"
             )
         return None, {METADATA_KEY: layouts.pop() if layouts else DEFAULT_LAYOUT}
+
+    def dequantize(self, model, dtype=None):
+        # Without a dtype, transformers takes config.dtype, which is missing or stale once the model
+        # was cast (model.to(torch.bfloat16) leaves it float32): the layers come back in the dtype of
+        # the model's other float parameters instead, so the model runs in one dtype.
+        if dtype is None:
+            floats = (
+                parameter.dtype
+                for module in model.modules()
+                if not isinstance(module, EetqLinear)
+                for parameter in module.parameters(recurse=False)
+                if parameter.dtype in FLOAT_DTYPES
+            )
+            dtype = next(floats, None)
+        return super().dequantize(model, dtype=dtype)
 
     def _dequantize(self, model, dtype=None):
         dtype = dtype if dtype in FLOAT_DTYPES else torch.float16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -20,6 +21,12 @@ def quantize_model(model: nn.Module, modules_to_not_convert: Iterable[str] = ("l
     EETQ-quantized, so its ``save_pretrained`` writes an EETQ checkpoint that ``from_pretrained``
     reads back.
     """
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise ValueError(
+            "quantize_model got a model that already has PEFT adapters: their lora_A/lora_B layers would be "
+            "quantized and frozen too. Quantize the base model first, then add the adapters: "
+            "get_peft_model(quantize_model(model), config)"
+        )
     skips = tuple(modules_to_not_convert or ())
     converted = quantize_linears(model, skips)
     if converted and isinstance(model, PreTrainedModel):
