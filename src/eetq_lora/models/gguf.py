@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -79,6 +80,6 @@ def gguf_to_folder(gguf_path: str | Path, quiet: bool = False) -> Path:
     if_exists = "replace" if folder.exists() else "keep"
     try:
         publish_folder(lambda tmp: _convert(gguf_path, tmp, digest), folder, if_exists=if_exists)
-    except (ValueError, KeyError, OSError) as error:
+    except (ValueError, KeyError, OSError, struct.error) as error:  # struct.error: a file cut short
         raise ModelError(f"could not convert {gguf_path} with transformers' GGUF loader: {error}") from error
     return folder

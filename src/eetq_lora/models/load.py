@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ConfigError, ModelError
+from ..quant.linear import EetqLinear
 from ..quant.model import tensor_bytes
 from .default import DEFAULT_MODEL_NAME, default_gguf_path
 from .gguf import gguf_to_folder
@@ -132,7 +133,8 @@ def load_quantized(source: ModelSource, dtype: torch.dtype, device: torch.device
     try:
         tokenizer = load_tokenizer(source.folder)
         model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, SafetensorError) as error:
+    # RuntimeError: a tensor whose shape does not match the config (transformers' size check).
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         text = text if len(text) <= 300 else text[:297] + "..."
         raise ModelError(
@@ -144,7 +146,13 @@ def load_quantized(source: ModelSource, dtype: torch.dtype, device: torch.device
             hf_logging.enable_progress_bar()
     parameters = sum(p.numel() for p in model.parameters())
     float32_size = float32_bytes(model)
-    quantize_model(model)  # an EETQ checkpoint (eetq-lora quantize) arrives quantized; this is then a no-op
+    if not any(isinstance(module, EetqLinear) for module in model.modules()):
+        # An EETQ checkpoint (eetq-lora quantize) arrives quantized, with the layers it kept in float:
+        # quantizing again would convert those too.
+        try:
+            quantize_model(model)
+        except ValueError as error:  # a weight with inf or NaN values, named by the message
+            raise ModelError(f"cannot quantize the model in {source.folder}: {error}") from error
     model.to(device=device, dtype=dtype)
     model.eval()
     return LoadedModel(model, tokenizer, source, dtype, float32_size, tensor_bytes(model), parameters)
