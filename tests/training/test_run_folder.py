@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,34 @@ def test_publishing_keeps_the_users_files_and_drops_outputs_the_new_run_did_not_
     assert (out / "notes" / "todo.txt").read_text() == "mine"
     assert os.readlink(out / "link") == "readme.txt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the old copy is gone
+
+
+def test_a_copy_of_the_users_files_cut_short_is_redone_whole_by_the_next_attempt(tmp_path, monkeypatch):
+    # A full disk while carrying OUT's own files into the finished run: the half-copied folder must
+    # not count as carried next time, or the swap would drop the files it lacks.
+    out, staging = tmp_path / "run", tmp_path / ".run.partial"
+    (out / "notes").mkdir(parents=True)
+    for name in ("a.txt", "b.txt"):
+        (out / "notes" / name).write_text(name)
+    staging.mkdir()
+    (staging / "metrics.json").write_text("{new}")
+    real_copy, copies = shutil.copy2, []
+
+    def disk_fills_on_the_second_file(src, dst, *args, **kwargs):
+        copies.append(src)
+        if len(copies) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no hard links")))
+    monkeypatch.setattr(shutil, "copy2", disk_fills_on_the_second_file)
+    with pytest.raises(UserError, match=r"could not copy .*notes into the finished run \(\[Errno 28\] No space left"):
+        publish_results(staging, out)
+    assert sorted(p.name for p in (out / "notes").iterdir()) == ["a.txt", "b.txt"]
+    assert sorted(p.name for p in staging.iterdir()) == ["metrics.json"]
+    publish_results(staging, out)  # the disk has room again
+    assert sorted(p.name for p in (out / "notes").iterdir()) == ["a.txt", "b.txt"]
+    assert (out / "metrics.json").read_text() == "{new}"
 
 
 def test_a_failed_swap_says_that_out_is_as_it_was(tmp_path):

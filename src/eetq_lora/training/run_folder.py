@@ -200,8 +200,24 @@ def publish_results(staging: Path, out: Path) -> None:
     """
     if out.is_dir():
         for entry in out.iterdir():
-            if entry.name not in OUTPUT_NAMES and not (staging / entry.name).exists():
-                _carry(entry, staging / entry.name)
+            if entry.name in OUTPUT_NAMES or (staging / entry.name).exists():
+                continue
+            # Copied under a temporary name, renamed once whole: a copy cut short (a full disk, a
+            # kill) must not count as carried on the next attempt, whose swap would drop the rest.
+            partial = staging / f".{entry.name}.carrying"
+            remove_path(partial)
+            try:
+                _carry(entry, partial)
+                os.replace(partial, staging / entry.name)
+            except OSError as error:
+                remove_path(partial)
+                # shutil.copytree reports a list of (source, destination, reason): the first reason says it.
+                errors = error.args[0] if isinstance(error, shutil.Error) and error.args else None
+                first = str(errors[0][-1]) if isinstance(errors, list) and errors else str(error)
+                raise UserError(
+                    f"could not copy {entry} into the finished run ({first[:200]}); {out} is as it was, and "
+                    "--resume tries again once the problem is fixed"
+                ) from None
     try:
         replace_folder(staging, out)
     except OSError as error:
