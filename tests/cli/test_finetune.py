@@ -377,6 +377,34 @@ def test_overwrite_replaces_the_results_only_once_the_new_run_has_finished(
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
 
 
+def test_a_ctrl_c_during_a_step_stops_after_that_step_and_resume_measures_what_it_skipped(
+    tiny_model, qa_file, tmp_path, monkeypatch, capsys
+):
+    # A real SIGINT while step 2 computes its loss (one micro-batch per step: the second call).
+    out, staging, reference = tmp_path / "run", tmp_path / ".run.partial", tmp_path / "reference"
+    flags = ("--eval-every", "2")
+    assert main(tiny_args(tiny_model, qa_file, reference, *flags)) == 0
+    real_stats, calls = trainer.answer_token_stats, []
+
+    def interrupted_in_step_2(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_stats(model, batch)
+
+    monkeypatch.setattr(trainer, "answer_token_stats", interrupted_in_step_2)
+    capsys.readouterr()
+    assert main(tiny_args(tiny_model, qa_file, out, *flags)) == 130
+    assert "Interrupted at step 2/4" in capsys.readouterr().err
+    assert len(calls) == 2 and json.loads((staging / "checkpoint" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(trainer, "answer_token_stats", real_stats)
+    assert main(["finetune", "--out", str(out), "--resume"]) == 0
+    # The held-out point at step 2, which the interrupted run stopped before measuring, is there.
+    curve, straight = metrics_of(out)["held_out"]["curve"], metrics_of(reference)["held_out"]["curve"]
+    assert [point["step"] for point in curve] == [point["step"] for point in straight] == [0, 2, 4]
+    assert [point["loss"] for point in curve] == pytest.approx([point["loss"] for point in straight], rel=1e-6)
+
+
 def test_ctrl_c_before_training_or_a_refused_batch_saves_nothing(tiny_model, qa_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real_evaluate = finetune_module.evaluate

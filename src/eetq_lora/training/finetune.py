@@ -369,18 +369,20 @@ class FinetuneRecipe:
                 f"parameters, {len(self.train_set)} training examples, {config.steps} steps of "
                 f"{self.trainer.global_batch} examples"
             )
-        eval_every = self.state["eval_every"]
         self.peft_model.train()
         stopped = False
         with StopRequest() as stop:
             # Made inside StopRequest, so a bar on screen means Ctrl-C now stops at a step boundary.
             self.progress = TrainingProgress(config.steps, start=step, enabled=job.progress and job.context.is_main)
+            if self._measurement_due(step) and all(point["step"] != step for point in self.state["held_out_curve"]):
+                self._measure(step)  # the run this one resumes stopped before measuring it
             while step < config.steps:
-                stopped = self._train_step(step, stop.requested)
+                # Asked after the step's backward pass: a Ctrl-C during the step stops after it.
+                stopped = self._train_step(step, lambda: stop.requested)
                 step += 1
                 if stopped:
                     break
-                if eval_every and step % eval_every == 0 and step < config.steps:
+                if self._measurement_due(step):
                     self._measure(step)
                 if step % CHECKPOINT_EVERY == 0 and step < config.steps:
                     self.checkpoint()
@@ -388,7 +390,12 @@ class FinetuneRecipe:
         self.peft_model.eval()
         return stopped
 
-    def _train_step(self, step: int, stop_requested: bool) -> bool:
+    def _measurement_due(self, step: int) -> bool:
+        """Whether the held-out set is scored after ``step`` steps (every ``eval_every``, not at the ends)."""
+        eval_every = self.state["eval_every"]
+        return bool(eval_every) and 0 < step < self.config.steps and step % eval_every == 0
+
+    def _train_step(self, step: int, stop_requested: Callable[[], bool]) -> bool:
         """Run optimizer step ``step`` and record it; returns whether every process agreed to stop after it."""
         started = time.perf_counter()
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -81,10 +82,12 @@ class Trainer:
             return nullcontext()
         return nullcontext() if last else self.train_model.no_sync()
 
-    def step(self, step: int, stop_requested: bool) -> tuple[float, int, bool]:
+    def step(self, step: int, stop_requested: Callable[[], bool]) -> tuple[float, int, bool]:
         """Run optimizer step ``step``; returns (loss, tokens processed by all processes, stop agreed).
 
-        A loss or gradient norm that is NaN or infinite raises NonFinite before the update is applied.
+        ``stop_requested`` is asked after the forward and backward passes, so a Ctrl-C during this
+        step stops the run after it. A loss or gradient norm that is NaN or infinite raises
+        NonFinite before the update is applied.
         """
         rate = learning_rate(step, self.config.steps, self.config.lr)
         for group in self.optimizer.param_groups:
@@ -92,7 +95,7 @@ class Trainer:
         batch_indices = self.data.schedule.global_batch_at(step)
         global_tokens = sum(self.answer_tokens[i] for i in batch_indices)
         nll_sum, tokens = self._accumulate(batch_indices, global_tokens)
-        nll_sum, tokens, stop = self.context.sum([nll_sum, tokens, float(stop_requested)], self.device)
+        nll_sum, tokens, stop = self.context.sum([nll_sum, tokens, float(stop_requested())], self.device)
         loss = nll_sum / max(1, global_tokens)
         # Under FSDP the gradients are DTensor shards, and the norm is taken over all of them.
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
