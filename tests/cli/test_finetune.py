@@ -405,6 +405,20 @@ def test_a_ctrl_c_during_a_step_stops_after_that_step_and_resume_measures_what_i
     assert [point["loss"] for point in curve] == pytest.approx([point["loss"] for point in straight], rel=1e-6)
 
 
+def test_resume_through_a_link_to_out_finds_the_saved_run(tiny_model, qa_file, tmp_path, ctrl_c, capsys):
+    # The saved run sits next to the folder the link points at; the printed resume command names the link.
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    ctrl_c(3)
+    assert main(tiny_args(tiny_model, qa_file, link, "--seed", "1")) == 130
+    assert f"eetq-lora finetune --out {link} --resume" in capsys.readouterr().err
+    ctrl_c(None)
+    assert main(["finetune", "--out", str(link), "--resume"]) == 0
+    assert "Resuming at step 3/4" in capsys.readouterr().err
+    assert (real / "adapter_model.safetensors").is_file() and link.is_symlink()
+
+
 def test_ctrl_c_before_training_or_a_refused_batch_saves_nothing(tiny_model, qa_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real_evaluate = finetune_module.evaluate

@@ -276,11 +276,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..training.finetune import RunAborted, run_finetune
-    from ..training.run_folder import find_resumable, load_run_config
+    from ..training.run_folder import find_resumable, load_run_config, output_folder
 
     out = args.out or DEFAULT_OUT
-    # On --resume, flags left out mean "as saved", so only flags actually given can conflict.
-    resume_from = find_resumable(Path(out)) if args.resume else None
+    # On --resume, flags left out mean "as saved", so only flags actually given can conflict. The
+    # saved run sits next to the folder --out names (a link followed), where run_finetune put it.
+    resume_from = find_resumable(output_folder(out)) if args.resume else None
     saved = load_run_config(resume_from) if resume_from is not None else None
     resume_hint = f"Resume with: eetq-lora finetune --out {shlex.quote(out)} --resume"
     try:
