@@ -131,6 +131,12 @@ def test_text_files_give_one_whole_text_example_per_line(tmp_path):
     assert all(e.is_text for e in dataset.examples)
 
 
+def test_a_text_line_holding_other_line_breaks_stays_one_example(tmp_path):
+    # U+2028, NEL and form feed end a line for str.splitlines(), not for a text file.
+    dataset = load_file(write(tmp_path / "t.txt", "one\u2028still one\r\ntwo\x85still two\x0cand two\n"))
+    assert dataset.examples == (Example("", "one\u2028still one"), Example("", "two\x85still two\x0cand two"))
+
+
 def test_missing_unknown_empty_and_undecodable_files_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="nope.jsonl does not exist; pass an existing file to --data"):
         load_file(tmp_path / "nope.jsonl")

@@ -133,3 +133,16 @@ def test_weights_waiting_to_be_quantized_stay_bounded(tmp_path, monkeypatch, thr
     report = quantize_checkpoint(src, tmp_path / "int8", threads=threads, progress=False)
     assert report.quantized_layers == len(linear_weights()) > 2 * threads + 1
     assert max(waiting) == 2 * threads + 1
+
+
+def test_a_module_to_keep_in_float_that_matches_nothing_is_refused(tmp_path):
+    # "--skip nothere" must not quietly quantize the head the user meant to keep.
+    src = tmp_path / "float"
+    tiny_llama().save_pretrained(src)
+    with pytest.raises(CheckpointError, match=r"\['nothere'\] match no module of the model"):
+        quantize_checkpoint(src, tmp_path / "int8", modules_to_not_convert=["nothere"], progress=False)
+    assert not (tmp_path / "int8").exists()
+    report = quantize_checkpoint(
+        src, tmp_path / "int8", modules_to_not_convert=["lm_head", "down_proj"], progress=False
+    )
+    assert report.quantized_layers == len(linear_weights()) - 2

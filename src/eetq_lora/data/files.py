@@ -91,7 +91,9 @@ def load_csv(path: Path) -> list[Example]:
 
 def load_text(path: Path) -> list[Example]:
     """Every non-blank line of a text file is one training text (the loss covers all of it)."""
-    return [Example("", line.strip()) for line in _read_text(path).splitlines() if line.strip()]
+    # Split at line feeds only (a \r\n ending is stripped with the line): str.splitlines() would also
+    # cut inside a line at U+2028, NEL or a form feed.
+    return [Example("", line.strip()) for line in _read_text(path).split("\n") if line.strip()]
 
 
 READERS = {

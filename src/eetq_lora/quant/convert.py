@@ -191,6 +191,19 @@ def _plan(src: Path, modules_to_not_convert: Iterable[str]) -> _Plan:
             + sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
         )
     )
+    names = [name for name, _ in model.named_modules() if name]
+    # A typo would keep nothing in float and quantize what was meant to stay. The default, lm_head,
+    # may match nothing: not every architecture names its head so.
+    unmatched = [
+        pattern
+        for pattern in requested
+        if pattern != "lm_head" and all(should_convert_module(name, [pattern]) for name in names)
+    ]
+    if unmatched:
+        raise CheckpointError(
+            f"the modules to keep in float {unmatched} match no module of the model in {src}; pass module names "
+            "such as lm_head or mlp.down_proj, or patterns that match them"
+        )
     linears = {
         name: module
         for name, module in model.named_modules()
