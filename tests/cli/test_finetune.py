@@ -112,6 +112,19 @@ def test_the_training_bar_shows_on_a_terminal_unless_no_progress(tiny_model, qa_
     assert bars and not any(shown)
 
 
+@pytest.mark.parametrize(
+    "flags, code",
+    [(["--lr", "0"], 2), (["--steps", "0"], 2), (["--lr", "2"], 1), (["--dropout", "-1"], 1)],
+)
+def test_exit_codes_of_settings_out_of_range_are_the_documented_ones(tmp_path, capsys, flags, code):
+    # docs/main-job.md: 2 for a value argparse refuses (not positive), 1 for a setting out of range.
+    try:
+        result = main(["finetune", *flags, "--out", str(tmp_path / "run")])
+    except SystemExit as exit_info:
+        result = exit_info.code
+    assert result == code and not (tmp_path / "run").exists()
+
+
 def test_the_main_job_defaults_are_the_readmes():
     # "trains LoRA r=8 on all linear layers for 60 steps", from a bare `eetq-lora finetune`
     config = config_from_args(build_parser().parse_args(["finetune"]))
