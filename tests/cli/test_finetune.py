@@ -432,6 +432,21 @@ def test_resume_through_a_link_to_out_finds_the_saved_run(tiny_model, qa_file, t
     assert (real / "adapter_model.safetensors").is_file() and link.is_symlink()
 
 
+def test_resuming_after_the_data_file_moved_says_to_put_it_back(tiny_model, qa_file, tmp_path, ctrl_c, capsys):
+    data = tmp_path / "data.jsonl"
+    shutil.copy(qa_file, data)
+    out = tmp_path / "run"
+    ctrl_c(2)
+    assert main(tiny_args(tiny_model, data, out)) == 130
+    ctrl_c(None)
+    data.rename(tmp_path / "moved.jsonl")
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(out), "--resume"]) == 1
+    assert f"the run being resumed trained on {data}, which is gone; put the file back" in capsys.readouterr().err
+    (tmp_path / "moved.jsonl").rename(data)
+    assert main(["finetune", "--out", str(out), "--resume"]) == 0
+
+
 def test_ctrl_c_before_training_or_a_refused_batch_saves_nothing(tiny_model, qa_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real_evaluate = finetune_module.evaluate

@@ -563,7 +563,16 @@ def run_finetune(
     out = output_folder(out)
     config = _checked_settings(config, out, resume, overwrite)
     check_model_spec(config.model)
-    dataset = load_dataset(config.data)
+    try:
+        dataset = load_dataset(config.data)
+    except DataError:
+        if resume and not Path(config.data).exists() and config.data != "builtin":
+            # Resuming trains on the same data: --data pointing elsewhere would be refused as a change.
+            raise DataError(
+                f"the run being resumed trained on {config.data}, which is gone; put the file back there to "
+                "resume, or start a new run on its new place with --overwrite"
+            ) from None
+        raise
     split = training_split(dataset, load_eval_dataset(config.eval_data) if config.eval_data else None)
 
     device = default_device(config.device)
