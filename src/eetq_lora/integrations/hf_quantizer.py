@@ -33,7 +33,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..format.layout import DEFAULT_LAYOUT, METADATA_KEY, check_layout, resolve_layout, unpack_weight
 from ..format.quantize import FLOAT_DTYPES, quantize_weight
-from ..quant.linear import EetqLinear
+from ..quant.linear import EetqLinear, bias_dtype_for
 
 QUANT_METHOD = "eetq"
 logger = logging.getLogger("eetq_lora")
@@ -271,13 +271,12 @@ class EetqLoraHfQuantizer(HfQuantizer):
         for name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear) or not should_convert_module(name, self.modules_to_not_convert):
                 continue
-            bias_dtype = module.weight.dtype if module.weight.dtype in FLOAT_DTYPES else torch.float16
             with torch.device("meta"):
                 layer = EetqLinear(
                     module.in_features,
                     module.out_features,
                     bias=module.bias is not None,
-                    dtype=bias_dtype,
+                    dtype=bias_dtype_for(module),
                     checkpoint_layout=self.layout,
                 )
             model.set_submodule(name, layer)

@@ -144,18 +144,20 @@ def export_merged(
         if not isinstance(target, nn.Linear):
             continue
         source = _resolve(base, name)
-        if isinstance(source, eetq_types) or isinstance(source, BaseTunerLayer):
-            if isinstance(source, eetq_types):
-                weight, bias = _merged_linear(source, name)
-                merged_names.append(name)
-            else:
-                weight, bias = _merged_float_layer(source)
-                merged_float += 1
-            state[f"{name}.weight"] = weight
-            if target.bias is not None:
-                if bias is None:
-                    raise ValueError(f"{name}: the float architecture expects a bias the quantized layer lacks")
-                state[f"{name}.bias"] = bias
+        # EetqLoraLinear is a BaseTunerLayer too: the EETQ test comes first.
+        if isinstance(source, eetq_types):
+            weight, bias = _merged_linear(source, name)
+            merged_names.append(name)
+        elif isinstance(source, BaseTunerLayer):
+            weight, bias = _merged_float_layer(source)
+            merged_float += 1
+        else:
+            continue
+        state[f"{name}.weight"] = weight
+        if target.bias is not None:
+            if bias is None:
+                raise ValueError(f"{name}: the float architecture expects a bias the quantized layer lacks")
+            state[f"{name}.bias"] = bias
     for key in float_model.state_dict():
         if key not in state:
             module_path, _, attribute = key.rpartition(".")

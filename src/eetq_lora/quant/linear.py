@@ -235,6 +235,12 @@ class EetqLinear(nn.Module):
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
+def bias_dtype_for(linear: nn.Linear) -> torch.dtype:
+    """The dtype an EetqLinear made from ``linear`` keeps its bias in: the layer's own float dtype
+    (a float16 bias would round, or overflow, a float32 one), float16 for any other weight."""
+    return linear.weight.dtype if linear.weight.dtype in FLOAT_DTYPES else torch.float16
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type``; False for a device type autocast does not know
     (``meta``, for one), where ``torch.is_autocast_enabled`` raises."""

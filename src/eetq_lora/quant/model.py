@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from ..format.quantize import FLOAT_DTYPES, check_quantizable
-from .linear import EetqLinear
+from ..format.quantize import check_quantizable
+from .linear import EetqLinear, bias_dtype_for
 
 logger = logging.getLogger("eetq_lora")
 
@@ -61,9 +60,7 @@ def quantize_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = (
     for name in names:
         linear = model.get_submodule(name)
         bytes_before += tensor_bytes(linear)
-        # The bias keeps the layer's float dtype (a float16 bias would round, or overflow, an fp32 one).
-        bias_dtype = linear.weight.dtype if linear.weight.dtype in FLOAT_DTYPES else torch.float16
-        quantized = EetqLinear.from_linear(linear, dtype=bias_dtype, name=name)
+        quantized = EetqLinear.from_linear(linear, dtype=bias_dtype_for(linear), name=name)
         bytes_after += tensor_bytes(quantized)
         model.set_submodule(name, quantized)
     logger.info(
